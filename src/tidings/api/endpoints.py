@@ -1,0 +1,87 @@
+"""Routes for endpoints: where receivers take deliveries."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from tidings.api.schemas import (
+    EndpointIn,
+    EndpointList,
+    EndpointOut,
+    EndpointPatch,
+    ErrorOut,
+    TokenRule,
+)
+from tidings.service import EndpointSpec, Service
+
+router = APIRouter(prefix="/v1/endpoints", tags=["endpoints"])
+_ERRORS: dict[int | str, dict[str, object]] = {
+    404: {"model": ErrorOut},
+    422: {"model": ErrorOut},
+}
+
+
+def _service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+def _rule(value: TokenRule | str | None) -> object:
+    return {"token": value.token} if isinstance(value, TokenRule) else value
+
+
+@router.post("", status_code=201, response_model=EndpointOut, responses=_ERRORS)
+async def add_endpoint(body: EndpointIn, request: Request) -> EndpointOut:
+    """Register an endpoint; the answer carries its signing secret, shown only now."""
+    spec = EndpointSpec(
+        url=body.url,
+        topics=body.topics,
+        secret=body.secret,
+        retry_schedule=[str(step) for step in body.retry_schedule]
+        if isinstance(body.retry_schedule, list)
+        else body.retry_schedule,
+        window=body.window,
+        success=_rule(body.success),
+        timeout=body.timeout,
+        description=body.description,
+    )
+    endpoint = await _service(request).add_endpoint(spec)
+    return EndpointOut.of(endpoint, with_secret=True)
+
+
+@router.get("", response_model=EndpointList)
+async def list_endpoints(request: Request) -> EndpointList:
+    """Every endpoint, oldest first, without secrets."""
+    found = await _service(request).store.list_endpoints()
+    return EndpointList(items=[EndpointOut.of(e) for e in found])
+
+
+@router.get("/{endpoint_id}", response_model=EndpointOut, responses=_ERRORS)
+async def get_endpoint(endpoint_id: str, request: Request) -> EndpointOut:
+    """One endpoint, without its secret."""
+    return EndpointOut.of(await _service(request).store.get_endpoint(endpoint_id))
+
+
+@router.patch("/{endpoint_id}", response_model=EndpointOut, responses=_ERRORS)
+async def change_endpoint(endpoint_id: str, body: EndpointPatch, request: Request) -> EndpointOut:
+    """Change some fields of an endpoint."""
+    spec = EndpointSpec(
+        url=body.url,
+        topics=body.topics,
+        retry_schedule=[str(step) for step in body.retry_schedule]
+        if isinstance(body.retry_schedule, list)
+        else body.retry_schedule,
+        window=body.window,
+        success=_rule(body.success),
+        timeout=body.timeout,
+        description=body.description,
+        enabled=body.enabled,
+    )
+    return EndpointOut.of(await _service(request).change_endpoint(endpoint_id, spec))
+
+
+@router.delete("/{endpoint_id}", status_code=204, responses=_ERRORS)
+async def remove_endpoint(endpoint_id: str, request: Request) -> Response:
+    """Remove an endpoint; its unfinished deliveries are cancelled."""
+    await _service(request).remove_endpoint(endpoint_id)
+    return Response(status_code=204)

@@ -1,0 +1,70 @@
+"""Every error the API returns, mapped in one place to `{"error", "message"}`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tidings import errors
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: list[tuple[type[errors.TidingsError], int]] = [
+    (errors.PayloadTooLarge, 413),
+    (errors.InvalidInput, 422),
+    (errors.NotFound, 404),
+    (errors.Conflict, 409),
+    (errors.StoreUnavailable, 503),
+    (errors.BrokerUnavailable, 503),
+]
+
+
+def error_response(status: int, code: str, message: str, **headers: str) -> JSONResponse:
+    """The one error shape."""
+    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+    message = str(error.get("msg", "invalid"))
+    if error.get("type") == "extra_forbidden":
+        message = "unknown field; remove it"
+    elif error.get("type") == "json_invalid":
+        ctx = error.get("ctx") or {}
+        return f"the body is not valid JSON ({ctx.get('error', 'parse error')}); send UTF-8 JSON"
+    return f"{where or 'body'}: {message}"
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers on `app`."""
+
+    @app.exception_handler(errors.TidingsError)
+    async def _tidings_error(_: Request, exc: errors.TidingsError) -> JSONResponse:
+        status = next((code for kind, code in STATUS_OF if isinstance(exc, kind)), 500)
+        if status >= 500:
+            log.error("request failed: %s", exc, extra={"action": "api_error"})
+        return error_response(status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [_describe(dict(e)) for e in exc.errors()[:5]]
+        return error_response(422, "invalid_input", "; ".join(problems))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.status_code, "http_error"
+        )
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error", extra={"action": "api_crash"})
+        return error_response(
+            500, "internal_error", "Tidings failed to handle the request; see its log"
+        )

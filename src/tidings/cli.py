@@ -1,0 +1,305 @@
+"""The `tidings` command: run the service, send and inspect notifications, run the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import traceback
+from typing import Annotated, Any
+
+import typer
+
+from tidings.errors import TidingsError
+
+app = typer.Typer(
+    help="Tidings: best-effort notification with retries and reconciliation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+endpoints_app = typer.Typer(help="Add, list and remove endpoints.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+demo_app = typer.Typer(help="Play worked examples on 127.0.0.1.", no_args_is_help=True)
+app.add_typer(endpoints_app, name="endpoints")
+app.add_typer(db_app, name="db")
+app.add_typer(demo_app, name="demo")
+
+_state = {"verbose": False}
+
+UrlOption = Annotated[
+    str, typer.Option("--url", envvar="TIDINGS_URL", help="Base URL of the Tidings API.")
+]
+ApiKeyOption = Annotated[
+    str | None, typer.Option("--api-key", envvar="TIDINGS_API_KEY", help="API key.")
+]
+HostOption = Annotated[str, typer.Option("--host", envvar="TIDINGS_HOST")]
+PortOption = Annotated[int, typer.Option("--port", envvar="TIDINGS_PORT")]
+DatabaseOption = Annotated[
+    str | None,
+    typer.Option("--database-url", envvar="TIDINGS_DATABASE_URL", help="SQLAlchemy async URL."),
+]
+LogLevelOption = Annotated[str, typer.Option("--log-level", envvar="TIDINGS_LOG_LEVEL")]
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show tracebacks.")] = False,
+) -> None:
+    _state["verbose"] = verbose
+
+
+def _print(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _client(url: str, api_key: str | None) -> Any:
+    from tidings.client import Client
+
+    return Client(url, api_key)
+
+
+# running -------------------------------------------------------------------------------
+
+
+def _serve(host: str, port: int, database_url: str | None, log_level: str, mode: str) -> None:
+    import uvicorn
+
+    from tidings.api.app import create_app
+    from tidings.logs import configure
+    from tidings.service import Service
+    from tidings.settings import Settings
+
+    configure(log_level)
+    if database_url:
+        os.environ["TIDINGS_DATABASE_URL"] = database_url
+    settings = Settings()
+    service = Service(settings, run_dispatcher=mode != "api")
+    typer.echo(
+        f"Tidings {mode} on http://{host}:{port} (store: {_redact(settings.database_url)}); "
+        f"API docs at http://{host}:{port}/docs",
+        err=True,
+    )
+    config = uvicorn.Config(
+        create_app(service), host=host, port=port, log_level="warning", lifespan="on"
+    )
+    uvicorn.Server(config).run()
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+@app.command()
+def serve(
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8080,
+    database_url: DatabaseOption = None,
+    log_level: LogLevelOption = "info",
+) -> None:
+    """Run the API and a dispatcher in one process."""
+    _serve(host, port, database_url, log_level, "serve")
+
+
+@app.command()
+def api(
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8080,
+    database_url: DatabaseOption = None,
+    log_level: LogLevelOption = "info",
+) -> None:
+    """Run only the API (dispatchers run elsewhere)."""
+    _serve(host, port, database_url, log_level, "api")
+
+
+@app.command()
+def dispatcher(database_url: DatabaseOption = None, log_level: LogLevelOption = "info") -> None:
+    """Run only a dispatcher; start as many as the store and broker can feed."""
+    from tidings.logs import configure
+    from tidings.runner import run_dispatcher
+    from tidings.settings import Settings
+
+    configure(log_level)
+    if database_url:
+        os.environ["TIDINGS_DATABASE_URL"] = database_url
+    asyncio.run(run_dispatcher(Settings()))
+
+
+@db_app.command("upgrade")
+def db_upgrade(database_url: DatabaseOption = None) -> None:
+    """Apply the schema migrations to the database."""
+    from tidings.settings import Settings
+    from tidings.stores.engine import create_engine_for
+    from tidings.stores.migrate import upgrade_async
+
+    url = database_url or Settings().database_url
+
+    async def upgrade() -> None:
+        engine = create_engine_for(url)
+        try:
+            await upgrade_async(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(upgrade())
+    typer.echo(f"schema is up to date in {_redact(url)}")
+
+
+# notifier and receiver ------------------------------------------------------------------
+
+
+@app.command()
+def send(
+    topic: str,
+    payload: Annotated[str, typer.Argument(help="JSON payload, or @file to read it from.")],
+    key: Annotated[str | None, typer.Option(help="Business key, e.g. the recharge id.")] = None,
+    idempotency_key: Annotated[str | None, typer.Option()] = None,
+    url: UrlOption = "http://127.0.0.1:8080",
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Send a notification with a JSON payload."""
+    text = payload
+    if payload.startswith("@"):
+        with open(payload[1:], encoding="utf-8") as handle:
+            text = handle.read()
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise TidingsError(f"payload is not valid JSON: {exc}") from exc
+    with _client(url, api_key) as client:
+        _print(client.send(topic, value, key=key, idempotency_key=idempotency_key))
+
+
+@app.command()
+def status(
+    notification_id: str, url: UrlOption = "http://127.0.0.1:8080", api_key: ApiKeyOption = None
+) -> None:
+    """Show a notification, its deliveries and every attempt."""
+    with _client(url, api_key) as client:
+        _print(client.get(notification_id))
+
+
+@app.command("list")
+def list_(
+    topic: str | None = None,
+    key: str | None = None,
+    status: str | None = None,
+    created_after: str | None = None,
+    cursor: str | None = None,
+    limit: int = 20,
+    url: UrlOption = "http://127.0.0.1:8080",
+    api_key: ApiKeyOption = None,
+) -> None:
+    """List notifications, oldest first."""
+    with _client(url, api_key) as client:
+        _print(
+            client.list(
+                topic=topic,
+                key=key,
+                status=status,
+                created_after=created_after,
+                cursor=cursor,
+                limit=limit,
+            )
+        )
+
+
+@app.command()
+def redeliver(
+    notification_id: str, url: UrlOption = "http://127.0.0.1:8080", api_key: ApiKeyOption = None
+) -> None:
+    """Attempt every undelivered delivery of a notification now."""
+    with _client(url, api_key) as client:
+        _print(client.redeliver(notification_id))
+
+
+# endpoints ------------------------------------------------------------------------------
+
+
+@endpoints_app.command("add")
+def endpoints_add(
+    endpoint_url: Annotated[str, typer.Argument(metavar="URL")],
+    topic: Annotated[list[str], typer.Option("--topic", "-t", help="Repeat for more.")],
+    schedule: Annotated[str | None, typer.Option(help="Preset or '10s,1m,5m'.")] = None,
+    window: Annotated[str | None, typer.Option(help="e.g. 24h")] = None,
+    token: Annotated[str | None, typer.Option(help="Success body token, e.g. success.")] = None,
+    timeout: Annotated[str | None, typer.Option(help="e.g. 10s")] = None,
+    secret: str | None = None,
+    url: UrlOption = "http://127.0.0.1:8080",
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Register an endpoint; prints its secret once."""
+    ladder: Any = schedule.split(",") if schedule and "," in schedule else schedule
+    with _client(url, api_key) as client:
+        _print(
+            client.add_endpoint(
+                endpoint_url,
+                topic,
+                retry_schedule=ladder,
+                window=window,
+                success={"token": token} if token else None,
+                timeout=timeout,
+                secret=secret,
+            )
+        )
+
+
+@endpoints_app.command("list")
+def endpoints_list(url: UrlOption = "http://127.0.0.1:8080", api_key: ApiKeyOption = None) -> None:
+    """List endpoints."""
+    with _client(url, api_key) as client:
+        _print(client.endpoints())
+
+
+@endpoints_app.command("remove")
+def endpoints_remove(
+    endpoint_id: str, url: UrlOption = "http://127.0.0.1:8080", api_key: ApiKeyOption = None
+) -> None:
+    """Remove an endpoint; its unfinished deliveries are cancelled."""
+    with _client(url, api_key) as client:
+        client.remove_endpoint(endpoint_id)
+    typer.echo(f"removed {endpoint_id}")
+
+
+# demo -----------------------------------------------------------------------------------
+
+
+@demo_app.command("recharge")
+def demo_recharge(
+    recharges: Annotated[int, typer.Option(help="How many recharges to play.")] = 8,
+    port: Annotated[int, typer.Option(help="First of the ports to use.")] = 18080,
+) -> None:
+    """The recharge example: a notifier, a flaky receiver, reconciliation; exits 1 if
+    any recharge ends inconsistent."""
+    from tidings.demo.recharge import run_demo
+
+    consistent = asyncio.run(run_demo(recharges=recharges, base_port=port))
+    raise typer.Exit(0 if consistent else 1)
+
+
+def main() -> None:
+    """Entry point: one line per error, exit 1; tracebacks only with -v."""
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (TidingsError, OSError, ValueError) as exc:
+        if _state["verbose"]:
+            traceback.print_exc()
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        if _state["verbose"]:
+            traceback.print_exc()
+        typer.echo(f"error: {type(exc).__name__}: {exc} (run with -v for the traceback)", err=True)
+        sys.exit(1)

@@ -1,0 +1,340 @@
+"""The dispatcher: claims due deliveries, attempts them, records what happened."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+from collections import defaultdict
+from dataclasses import dataclass
+
+from tidings.brokers.base import Broker
+from tidings.clock import Clock, SystemClock
+from tidings.dispatch.endpoints import EndpointCache
+from tidings.dispatch.http import HttpResult, HttpSender
+from tidings.dispatch.outcome import decide_http
+from tidings.models import (
+    Attempt,
+    Claim,
+    EndpointKind,
+    ErrorClass,
+    Outcome,
+    OutcomeKind,
+)
+from tidings.stores.base import Store
+
+log = logging.getLogger(__name__)
+
+_WRITE_BATCH = 500
+_STORE_RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass(frozen=True)
+class DispatcherConfig:
+    """How hard a dispatcher works; see Settings for what each means."""
+
+    lease_s: float = 60.0
+    claim_batch: int = 200
+    max_in_flight: int = 256
+    endpoint_concurrency: int = 16
+    poll_interval_s: float = 0.25
+    max_crashes: int = 3
+    excerpt_bytes: int = 1024
+    shutdown_grace_s: float = 10.0
+
+
+def _owner_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
+
+
+class Dispatcher:
+    """Runs deliveries until told to stop; any number may share one store."""
+
+    def __init__(
+        self,
+        store: Store,
+        broker: Broker,
+        sender: HttpSender,
+        config: DispatcherConfig,
+        clock: Clock | None = None,
+    ) -> None:
+        self.store = store
+        self.broker = broker
+        self.sender = sender
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.owner = _owner_name()
+        self.endpoints = EndpointCache(store, self.clock)
+        self._held: dict[str, Claim] = {}
+        self._held_per_endpoint: defaultdict[str, int] = defaultdict(int)
+        self._endpoint_slots: dict[str, asyncio.Semaphore] = {}
+        self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
+        self._room = asyncio.Event()
+        self._attempts: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+
+    # lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Work until `stop()`; then finish or hand back what is in flight."""
+        log.info("dispatcher %s started", self.owner, extra={"action": "dispatcher_start"})
+        background = [
+            asyncio.create_task(self._write_loop(), name="tidings-outcome-writer"),
+            asyncio.create_task(self._heartbeat_loop(), name="tidings-lease-heartbeat"),
+        ]
+        try:
+            await self._claim_loop()
+        finally:
+            await self._drain()
+            for task in background:
+                task.cancel()
+            for task in background:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await self._flush_all()
+            log.info("dispatcher %s stopped", self.owner, extra={"action": "dispatcher_stop"})
+
+    def stop(self) -> None:
+        """Ask the dispatcher to stop taking work."""
+        self._stop.set()
+        self._room.set()
+
+    # claiming --------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        announced: list[str] | None = None
+        while not self._stop.is_set():
+            room = self.config.max_in_flight - len(self._held)
+            if room <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                claims = await self.store.claim_due(
+                    now=self.clock.now(),
+                    limit=min(room, self.config.claim_batch),
+                    lease_s=self.config.lease_s,
+                    owner=self.owner,
+                    exclude_endpoints=self._busy_endpoints(),
+                    delivery_ids=announced,
+                    max_crashes=self.config.max_crashes,
+                )
+            except Exception:
+                log.warning(
+                    "could not claim due deliveries; retrying",
+                    exc_info=True,
+                    extra={"action": "claim_failed"},
+                )
+                await self._pause(self.config.poll_interval_s * 4)
+                announced = None
+                continue
+            for claim in claims:
+                self._start_attempt(claim)
+            if announced is None and len(claims) >= min(room, self.config.claim_batch):
+                continue  # more may be due right now
+            announced = await self.broker.wait_due(self.config.poll_interval_s)
+
+    def _busy_endpoints(self) -> list[str]:
+        cap = self.config.endpoint_concurrency * 2
+        return [ep for ep, held in self._held_per_endpoint.items() if held >= cap]
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    def _start_attempt(self, claim: Claim) -> None:
+        self._held[claim.delivery_id] = claim
+        self._held_per_endpoint[claim.endpoint_id] += 1
+        task = asyncio.create_task(
+            self._attempt(claim), name=f"tidings-attempt-{claim.delivery_id}"
+        )
+        self._attempts.add(task)
+        task.add_done_callback(self._attempts.discard)
+
+    def _let_go(self, claim: Claim) -> None:
+        self._held.pop(claim.delivery_id, None)
+        left = self._held_per_endpoint[claim.endpoint_id] - 1
+        if left <= 0:
+            self._held_per_endpoint.pop(claim.endpoint_id, None)
+        else:
+            self._held_per_endpoint[claim.endpoint_id] = left
+        self._room.set()
+
+    # attempting ------------------------------------------------------------------------
+
+    def _slot(self, endpoint_id: str) -> asyncio.Semaphore:
+        slot = self._endpoint_slots.get(endpoint_id)
+        if slot is None:
+            slot = self._endpoint_slots[endpoint_id] = asyncio.Semaphore(
+                self.config.endpoint_concurrency
+            )
+        return slot
+
+    async def _attempt(self, claim: Claim) -> None:
+        try:
+            await self._attempt_once(claim)
+        except asyncio.CancelledError:
+            # Shutdown cut the attempt short: record it, and make the delivery due again.
+            now = self.clock.now()
+            attempt = interrupted_attempt(claim, now, "the dispatcher stopped mid-attempt")
+            self._outcomes.put_nowait(Outcome(claim, attempt, OutcomeKind.RETRY, now))
+            raise
+        except Exception:
+            log.exception(
+                "attempt of %s failed inside the dispatcher",
+                claim.delivery_id,
+                extra={"action": "attempt_crashed", "delivery_id": claim.delivery_id},
+            )
+            now = self.clock.now()
+            attempt = interrupted_attempt(claim, now, "internal error in the dispatcher")
+            retry_at = now + self.config.lease_s
+            self._outcomes.put_nowait(Outcome(claim, attempt, OutcomeKind.RETRY, retry_at))
+
+    async def _attempt_once(self, claim: Claim) -> None:
+        endpoint = await self.endpoints.get(claim.endpoint_id)
+        if endpoint is None or endpoint.kind is not EndpointKind.HTTP:
+            # Removed meanwhile (its deliveries are cancelled) or not ours to send.
+            await self.store.release([claim], self.clock.now() + self.config.lease_s)
+            self._let_go(claim)
+            return
+        async with self._slot(endpoint.id):
+            result = await self.sender.post(
+                url=endpoint.url,
+                msg_id=claim.notification_id,
+                body=claim.body,
+                content_type=claim.content_type,
+                secrets=endpoint.secrets,
+                timeout_s=endpoint.timeout_s,
+                attempt_number=claim.attempt_number,
+            )
+        outcome = decide_http(
+            claim, endpoint, result, now=self.clock.now(), excerpt_bytes=self.config.excerpt_bytes
+        )
+        self._log_outcome(outcome, result)
+        self._outcomes.put_nowait(outcome)
+
+    def _log_outcome(self, outcome: Outcome, result: HttpResult) -> None:
+        fields = {
+            "notification_id": outcome.claim.notification_id,
+            "delivery_id": outcome.claim.delivery_id,
+            "endpoint": outcome.claim.endpoint_id,
+            "attempt": outcome.claim.attempt_number,
+            "status_code": result.status_code,
+            "error_class": result.error_class.value if result.error_class else None,
+        }
+        answer = result.status_code or (result.error_class.value if result.error_class else "?")
+        if outcome.kind is OutcomeKind.DELIVERED:
+            log.debug(
+                "delivered %s to %s",
+                outcome.claim.notification_id,
+                outcome.claim.endpoint_id,
+                extra={"action": "delivered", **fields},
+            )
+        elif outcome.kind is OutcomeKind.RETRY:
+            log.warning(
+                "attempt %d of %s to %s failed (%s); retrying in %.1fs",
+                outcome.claim.attempt_number,
+                outcome.claim.notification_id,
+                outcome.claim.endpoint_id,
+                answer,
+                (outcome.next_attempt_at or 0) - self.clock.now(),
+                extra={"action": "retry", **fields},
+            )
+        else:
+            log.error(
+                "gave up on %s to %s after %d attempts (last: %s)",
+                outcome.claim.notification_id,
+                outcome.claim.endpoint_id,
+                outcome.claim.attempt_number,
+                answer,
+                extra={"action": "exhausted", **fields},
+            )
+
+    # recording -------------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._outcomes.get()]
+            while len(batch) < _WRITE_BATCH and not self._outcomes.empty():
+                batch.append(self._outcomes.get_nowait())
+            await self._write(batch)
+
+    async def _write(self, batch: list[Outcome]) -> None:
+        """Record a batch, retrying while the store is away; the leases keep it ours."""
+        failures = 0
+        while True:
+            try:
+                # Shielded: a shutdown must not cut a status write in half.
+                await asyncio.shield(self.store.record_outcomes(batch, self.clock.now()))
+                break
+            except Exception:
+                failures += 1
+                if self._stop.is_set() and failures > len(_STORE_RETRY_S):
+                    log.exception(
+                        "could not record %d outcomes; their leases will run out and they "
+                        "will be attempted again",
+                        len(batch),
+                        extra={"action": "record_failed"},
+                    )
+                    break
+                log.warning(
+                    "could not record %d outcomes (try %d); retrying",
+                    len(batch),
+                    failures,
+                    exc_info=True,
+                    extra={"action": "record_retry"},
+                )
+                await asyncio.sleep(_STORE_RETRY_S[min(failures, len(_STORE_RETRY_S)) - 1])
+        for outcome in batch:
+            self._let_go(outcome.claim)
+
+    async def _flush_all(self) -> None:
+        batch: list[Outcome] = []
+        while not self._outcomes.empty():
+            batch.append(self._outcomes.get_nowait())
+        if batch:
+            await self._write(batch)
+
+    async def _heartbeat_loop(self) -> None:
+        interval_s = max(self.config.lease_s / 3, 0.05)
+        while True:
+            await asyncio.sleep(interval_s)
+            if not self._held:
+                continue
+            try:
+                await self.store.renew_leases(
+                    owner=self.owner, now=self.clock.now(), lease_s=self.config.lease_s
+                )
+            except Exception:
+                log.warning(
+                    "could not renew leases", exc_info=True, extra={"action": "renew_failed"}
+                )
+
+    # shutdown --------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        """Give in-flight attempts the grace period, then cut them short (they record it)."""
+        if not self._attempts:
+            return
+        _, pending = await asyncio.wait(set(self._attempts), timeout=self.config.shutdown_grace_s)
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def interrupted_attempt(claim: Claim, now: float, detail: str) -> Attempt:
+    """An attempt that was cut short by the dispatcher itself."""
+    return Attempt(
+        delivery_id=claim.delivery_id,
+        number=claim.attempt_number,
+        started_at=now,
+        duration_ms=0.0,
+        succeeded=False,
+        error_class=ErrorClass.INTERRUPTED,
+        error_detail=detail,
+    )

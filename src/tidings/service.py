@@ -1,0 +1,273 @@
+"""The service: the operations notifiers, receivers and operators ask for, over one store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from tidings.brokers.base import Broker
+from tidings.brokers.embedded import EmbeddedBroker
+from tidings.clock import Clock, SystemClock
+from tidings.dispatch.dispatcher import Dispatcher, DispatcherConfig
+from tidings.dispatch.http import HttpSender
+from tidings.durations import parse_duration_s
+from tidings.errors import InvalidInput, PayloadTooLarge
+from tidings.guard import AddressGuard
+from tidings.models import Endpoint, EndpointKind, NewNotification, Notification, new_id
+from tidings.schedule import RetrySchedule
+from tidings.settings import Settings
+from tidings.signing import generate_secret
+from tidings.stores import open_store
+from tidings.stores.base import NotificationQuery, Page, Store
+from tidings.success import SuccessRule
+
+log = logging.getLogger(__name__)
+
+_MAX_TOPIC_CHARS = 200
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    """What an operator gives to register or change an endpoint; None keeps the default."""
+
+    url: str | None = None
+    topics: list[str] | None = None
+    secret: str | None = None
+    retry_schedule: str | list[str] | None = None
+    window: str | float | None = None
+    success: Any = None
+    timeout: str | float | None = None
+    description: str | None = None
+    enabled: bool | None = None
+    kind: EndpointKind | None = None
+
+
+def check_topic(topic: str, field: str = "topic") -> str:
+    """Refuse empty, overlong or whitespace-carrying topics."""
+    if not topic or len(topic) > _MAX_TOPIC_CHARS or any(ch.isspace() for ch in topic):
+        raise InvalidInput(
+            f"{field}: a topic is 1 to {_MAX_TOPIC_CHARS} characters without spaces, "
+            f"e.g. 'recharge.succeeded'; got {topic!r}",
+            field=field,
+        )
+    return topic
+
+
+class Service:
+    """Tidings in one object: store, broker, dispatcher, and the rules around them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: Store | None = None,
+        broker: Broker | None = None,
+        clock: Clock | None = None,
+        run_dispatcher: bool = True,
+    ) -> None:
+        settings.check()
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.store = store or open_store(settings.database_url)
+        self.broker = broker or EmbeddedBroker()
+        self.guard = AddressGuard(
+            allow_private=settings.allow_private_networks,
+            allowed_ports=frozenset(settings.allowed_ports) if settings.allowed_ports else None,
+        )
+        self.run_dispatcher = run_dispatcher
+        self.dispatcher: Dispatcher | None = None
+        self._dispatcher_task: asyncio.Task[None] | None = None
+        self._sender: HttpSender | None = None
+
+    # lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store and the broker; start the dispatcher when asked to."""
+        await self.store.open()
+        await self.broker.start()
+        if self.run_dispatcher:
+            await self.start_dispatcher()
+
+    async def start_dispatcher(self) -> None:
+        """Start a dispatcher in this process."""
+        s = self.settings
+        self._sender = HttpSender(
+            self.guard,
+            excerpt_bytes=s.response_excerpt_bytes,
+            connect_timeout_s=s.connect_timeout_s,
+            max_connections=s.max_in_flight,
+            per_host_connections=s.endpoint_concurrency,
+        )
+        await self._sender.start()
+        config = DispatcherConfig(
+            lease_s=s.lease_s,
+            claim_batch=s.claim_batch,
+            max_in_flight=s.max_in_flight,
+            endpoint_concurrency=s.endpoint_concurrency,
+            poll_interval_s=s.poll_interval_s,
+            max_crashes=s.max_crashes,
+            excerpt_bytes=s.response_excerpt_bytes,
+            shutdown_grace_s=s.shutdown_grace_s,
+        )
+        self.dispatcher = Dispatcher(self.store, self.broker, self._sender, config, self.clock)
+        self._dispatcher_task = asyncio.create_task(
+            self.dispatcher.run(), name="tidings-dispatcher"
+        )
+        self._dispatcher_task.add_done_callback(_report_crash)
+
+    async def stop(self) -> None:
+        """Stop the dispatcher (in-flight attempts finish or are handed back), then close."""
+        if self.dispatcher is not None and self._dispatcher_task is not None:
+            self.dispatcher.stop()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher_task
+        if self._sender is not None:
+            await self._sender.close()
+        await self.broker.close()
+        await self.store.close()
+
+    # endpoints -------------------------------------------------------------------------
+
+    def _build_endpoint(self, spec: EndpointSpec, base: Endpoint | None) -> Endpoint:
+        now = self.clock.now()
+        kind = spec.kind or (base.kind if base else EndpointKind.HTTP)
+        url = spec.url if spec.url is not None else (base.url if base else None)
+        if url is None:
+            raise InvalidInput("url: required, e.g. 'https://example.com/notify'", field="url")
+        if kind is EndpointKind.HTTP:
+            self.guard.check_url(url)
+        topics = spec.topics if spec.topics is not None else (list(base.topics) if base else None)
+        if not topics:
+            raise InvalidInput("topics: give at least one topic, or '*' for all", field="topics")
+        for index, topic in enumerate(topics):
+            check_topic(topic, f"topics[{index}]")
+        if spec.retry_schedule is not None or spec.window is not None or base is None:
+            ladder = spec.retry_schedule
+            if ladder is None:
+                ladder = base.schedule.describe() if base else self.settings.default_retry_schedule
+            window = spec.window
+            if window is None:
+                window = base.schedule.window_s if base else self.settings.default_window
+            schedule = RetrySchedule.parse(ladder, window, jitter=self.settings.jitter)
+        else:
+            schedule = base.schedule
+        success = (
+            SuccessRule.parse(spec.success)
+            if spec.success is not None
+            else (base.success if base else SuccessRule())
+        )
+        timeout_s = (
+            parse_duration_s(spec.timeout, field="timeout")
+            if spec.timeout is not None
+            else (base.timeout_s if base else self.settings.default_timeout_s)
+        )
+        longest_s = self.settings.lease_s - self.settings.connect_timeout_s
+        if timeout_s >= longest_s:
+            raise InvalidInput(
+                f"timeout: {timeout_s:g}s is too long; it must be shorter than "
+                f"{longest_s:g}s (TIDINGS_LEASE_S minus TIDINGS_CONNECT_TIMEOUT_S)",
+                field="timeout",
+            )
+        secrets = (
+            (spec.secret,) if spec.secret else (base.secrets if base else (generate_secret(),))
+        )
+        return Endpoint(
+            id=base.id if base else new_id("ep_"),
+            url=url,
+            kind=kind,
+            topics=tuple(dict.fromkeys(topics)),
+            secrets=secrets,
+            schedule=schedule,
+            success=success,
+            timeout_s=timeout_s,
+            enabled=spec.enabled if spec.enabled is not None else (base.enabled if base else True),
+            description=spec.description
+            if spec.description is not None
+            else (base.description if base else ""),
+            created_at=base.created_at if base else now,
+        )
+
+    async def add_endpoint(self, spec: EndpointSpec) -> Endpoint:
+        """Register an endpoint; a secret is generated when none is given."""
+        endpoint = self._build_endpoint(spec, None)
+        await self.store.add_endpoint(endpoint)
+        log.info(
+            "endpoint %s added for %s",
+            endpoint.id,
+            ",".join(endpoint.topics),
+            extra={"action": "endpoint_added", "endpoint": endpoint.id},
+        )
+        return endpoint
+
+    async def change_endpoint(self, endpoint_id: str, spec: EndpointSpec) -> Endpoint:
+        """Change some fields of an endpoint."""
+        base = await self.store.get_endpoint(endpoint_id)
+        endpoint = self._build_endpoint(spec, base)
+        await self.store.replace_endpoint(endpoint, self.clock.now())
+        if self.dispatcher is not None:
+            self.dispatcher.endpoints.forget(endpoint_id)
+        return endpoint
+
+    async def remove_endpoint(self, endpoint_id: str) -> int:
+        """Remove an endpoint; its unfinished deliveries are cancelled."""
+        cancelled = await self.store.remove_endpoint(endpoint_id, self.clock.now())
+        if self.dispatcher is not None:
+            self.dispatcher.endpoints.forget(endpoint_id)
+        return cancelled
+
+    # notifications ---------------------------------------------------------------------
+
+    async def send(self, new: NewNotification) -> tuple[Notification, bool]:
+        """Accept a notification; returns it and whether it is new (idempotency)."""
+        check_topic(new.topic)
+        if len(new.body) > self.settings.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"payload is {len(new.body)} bytes; the maximum is "
+                f"{self.settings.max_payload_bytes} (TIDINGS_MAX_PAYLOAD_BYTES). Send a "
+                "smaller payload, e.g. an id the receiver can look up"
+            )
+        for name, value in (("key", new.key), ("idempotency_key", new.idempotency_key)):
+            if value is not None and not 0 < len(value) <= 200:
+                raise InvalidInput(f"{name}: must be 1 to 200 characters", field=name)
+        notification, created = await self.store.add_notification(new, self.clock.now())
+        if created and notification.deliveries:
+            await self.broker.publish_due([d.id for d in notification.deliveries])
+        log.debug(
+            "accepted %s on %s",
+            notification.id,
+            notification.topic,
+            extra={"action": "accepted", "notification_id": notification.id},
+        )
+        return notification, created
+
+    async def get(self, notification_id: str) -> Notification:
+        """A notification with its deliveries and attempts."""
+        return await self.store.get_notification(notification_id)
+
+    async def list(self, query: NotificationQuery) -> Page:
+        """Notifications by topic, key, status and time, oldest first."""
+        return await self.store.list_notifications(query)
+
+    async def redeliver(self, notification_id: str) -> list[str]:
+        """An immediate attempt for every delivery not yet delivered."""
+        ids = await self.store.redeliver(notification_id, self.clock.now())
+        await self.broker.publish_due(ids)
+        log.info(
+            "redelivery of %s asked for %d deliveries",
+            notification_id,
+            len(ids),
+            extra={"action": "redeliver", "notification_id": notification_id},
+        )
+        return ids
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error(
+            "the dispatcher stopped on an error",
+            exc_info=task.exception(),
+            extra={"action": "dispatcher_crashed"},
+        )

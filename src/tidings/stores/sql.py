@@ -1,0 +1,737 @@
+"""The store on SQLAlchemy Core: SQLite (aiosqlite) by default, PostgreSQL (psycopg) too."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from tidings.errors import NotFound
+from tidings.models import (
+    Attempt,
+    Claim,
+    Delivery,
+    DeliveryStatus,
+    Endpoint,
+    EndpointKind,
+    ErrorClass,
+    NewNotification,
+    Notification,
+    NotificationStatus,
+    Outcome,
+    OutcomeKind,
+    new_id,
+)
+from tidings.schedule import RetrySchedule
+from tidings.stores.base import NotificationQuery, Page, Store
+from tidings.stores.engine import create_engine_for
+from tidings.stores.migrate import upgrade_async
+from tidings.stores.tables import attempts, deliveries, endpoint_topics, endpoints, notifications
+from tidings.success import SuccessRule
+
+log = logging.getLogger(__name__)
+
+_LIVE = (DeliveryStatus.PENDING.value, DeliveryStatus.DELIVERING.value)
+
+
+def _endpoint_from_row(row: Row[Any]) -> Endpoint:
+    return Endpoint(
+        id=row.id,
+        url=row.url,
+        kind=EndpointKind(row.kind),
+        topics=tuple(row.topics),
+        secrets=tuple(row.secrets),
+        schedule=RetrySchedule.parse(list(row.retry_schedule), row.window_s),
+        success=SuccessRule.parse(row.success),
+        timeout_s=row.timeout_s,
+        enabled=row.enabled,
+        description=row.description,
+        created_at=row.created_at,
+    )
+
+
+def _endpoint_values(endpoint: Endpoint) -> dict[str, Any]:
+    return {
+        "url": endpoint.url,
+        "kind": endpoint.kind.value,
+        "topics": list(endpoint.topics),
+        "secrets": list(endpoint.secrets),
+        "retry_schedule": list(endpoint.schedule.intervals_s),
+        "window_s": endpoint.schedule.window_s,
+        "success": endpoint.success.to_json(),
+        "timeout_s": endpoint.timeout_s,
+        "enabled": endpoint.enabled,
+        "description": endpoint.description,
+    }
+
+
+def _attempt_from_row(row: Row[Any]) -> Attempt:
+    return Attempt(
+        delivery_id=row.delivery_id,
+        number=row.number,
+        started_at=row.started_at,
+        duration_ms=row.duration_ms,
+        succeeded=row.succeeded,
+        status_code=row.status_code,
+        error_class=ErrorClass(row.error_class) if row.error_class else None,
+        error_detail=row.error_detail,
+        response_excerpt=row.response_excerpt or b"",
+        location=row.location,
+        retry_after_s=row.retry_after_s,
+    )
+
+
+def _attempt_values(attempt: Attempt) -> dict[str, Any]:
+    return {
+        "delivery_id": attempt.delivery_id,
+        "number": attempt.number,
+        "started_at": attempt.started_at,
+        "duration_ms": attempt.duration_ms,
+        "succeeded": attempt.succeeded,
+        "status_code": attempt.status_code,
+        "error_class": attempt.error_class.value if attempt.error_class else None,
+        "error_detail": attempt.error_detail,
+        "response_excerpt": attempt.response_excerpt,
+        "location": attempt.location,
+        "retry_after_s": attempt.retry_after_s,
+    }
+
+
+def _delivery_from_row(row: Row[Any], found: Sequence[Attempt] = ()) -> Delivery:
+    return Delivery(
+        id=row.id,
+        notification_id=row.notification_id,
+        endpoint_id=row.endpoint_id,
+        status=DeliveryStatus(row.status),
+        attempt_count=row.attempt_count,
+        next_attempt_at=row.next_attempt_at,
+        deadline_at=row.deadline_at,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        attempts=tuple(found),
+    )
+
+
+def _notification_from_row(row: Row[Any], found: Sequence[Delivery] = ()) -> Notification:
+    return Notification(
+        id=row.id,
+        seq=row.seq,
+        topic=row.topic,
+        key=row.key,
+        idempotency_key=row.idempotency_key,
+        content_type=row.content_type,
+        body=row.body,
+        status=NotificationStatus(row.status),
+        created_at=row.created_at,
+        deliveries=tuple(found),
+    )
+
+
+def _summary_status() -> sa.ColumnElement[str]:
+    """The notification status derived from its deliveries, as a correlated expression."""
+    d = deliveries.alias("d")
+    mine = d.c.notification_id == notifications.c.id
+
+    def any_with(*statuses: str) -> sa.Exists:
+        return sa.exists().where(mine, d.c.status.in_(statuses))
+
+    return sa.case(
+        (any_with(*_LIVE), NotificationStatus.PENDING.value),
+        (any_with(DeliveryStatus.EXHAUSTED.value), NotificationStatus.EXHAUSTED.value),
+        (any_with(DeliveryStatus.DELIVERED.value), NotificationStatus.DELIVERED.value),
+        (any_with(DeliveryStatus.CANCELLED.value), NotificationStatus.CANCELLED.value),
+        else_=NotificationStatus.UNROUTED.value,
+    )
+
+
+class SqlStore(Store):
+    """The store on any SQLAlchemy async URL; one code path for SQLite and PostgreSQL."""
+
+    def __init__(self, url: str, *, create_schema: bool = True, echo: bool = False) -> None:
+        self.url = url
+        self._create_schema = create_schema
+        self._echo = echo
+        self._engine: AsyncEngine | None = None
+        self._reader: AsyncEngine | None = None
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.startswith("sqlite")
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine for transactions that write."""
+        if self._engine is None:
+            raise RuntimeError("the store is not open; call open() first")
+        return self._engine
+
+    @property
+    def reader(self) -> AsyncEngine:
+        """The engine for reads; on SQLite it does not queue behind the writer."""
+        return self._reader or self.engine
+
+    async def open(self) -> None:
+        self._engine = create_engine_for(self.url, echo=self._echo)
+        if self.is_sqlite and ":memory:" not in self.url:
+            self._reader = create_engine_for(self.url, echo=self._echo, writer=False)
+        if self._create_schema:
+            await upgrade_async(self._engine)
+
+    async def close(self) -> None:
+        for engine in (self._engine, self._reader):
+            if engine is not None:
+                await engine.dispose()
+        self._engine = self._reader = None
+
+    # endpoints -------------------------------------------------------------------------
+
+    async def add_endpoint(self, endpoint: Endpoint) -> None:
+        async with self.engine.begin() as conn:
+            values = _endpoint_values(endpoint)
+            await conn.execute(
+                endpoints.insert().values(
+                    id=endpoint.id,
+                    created_at=endpoint.created_at,
+                    updated_at=endpoint.created_at,
+                    **values,
+                )
+            )
+            await self._write_topics(conn, endpoint)
+
+    async def _write_topics(self, conn: AsyncConnection, endpoint: Endpoint) -> None:
+        await conn.execute(
+            endpoint_topics.delete().where(endpoint_topics.c.endpoint_id == endpoint.id)
+        )
+        rows = [{"endpoint_id": endpoint.id, "topic": t} for t in sorted(set(endpoint.topics))]
+        if rows:
+            await conn.execute(endpoint_topics.insert(), rows)
+
+    async def get_endpoint(self, endpoint_id: str) -> Endpoint:
+        async with self.reader.connect() as conn:
+            row = (
+                await conn.execute(endpoints.select().where(endpoints.c.id == endpoint_id))
+            ).first()
+        if row is None:
+            raise NotFound(f"no endpoint with id {endpoint_id!r}")
+        return _endpoint_from_row(row)
+
+    async def list_endpoints(self) -> list[Endpoint]:
+        query = endpoints.select().order_by(endpoints.c.created_at, endpoints.c.id)
+        async with self.reader.connect() as conn:
+            return [_endpoint_from_row(row) for row in await conn.execute(query)]
+
+    async def replace_endpoint(self, endpoint: Endpoint, now: float) -> None:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                endpoints.update()
+                .where(endpoints.c.id == endpoint.id)
+                .values(updated_at=now, **_endpoint_values(endpoint))
+            )
+            if result.rowcount == 0:
+                raise NotFound(f"no endpoint with id {endpoint.id!r}")
+            await self._write_topics(conn, endpoint)
+
+    async def remove_endpoint(self, endpoint_id: str, now: float) -> int:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                endpoint_topics.delete().where(endpoint_topics.c.endpoint_id == endpoint_id)
+            )
+            result = await conn.execute(endpoints.delete().where(endpoints.c.id == endpoint_id))
+            if result.rowcount == 0:
+                raise NotFound(f"no endpoint with id {endpoint_id!r}")
+            cancelled = await conn.execute(
+                deliveries.update()
+                .where(deliveries.c.endpoint_id == endpoint_id, deliveries.c.status.in_(_LIVE))
+                .values(
+                    status=DeliveryStatus.CANCELLED.value,
+                    next_attempt_at=None,
+                    lease_owner=None,
+                    updated_at=now,
+                )
+                .returning(deliveries.c.notification_id)
+            )
+            touched = {row.notification_id for row in cancelled}
+            await self._refresh_status(conn, touched)
+            return len(touched)
+
+    # notifications ---------------------------------------------------------------------
+
+    async def add_notification(self, new: NewNotification, now: float) -> tuple[Notification, bool]:
+        if new.idempotency_key is not None:
+            earlier = await self._by_idempotency_key(new.idempotency_key)
+            if earlier is not None:
+                return earlier, False
+        try:
+            return await self._insert_notification(new, now), True
+        except IntegrityError:
+            # A concurrent request with the same idempotency key won the race.
+            if new.idempotency_key is None:
+                raise
+            earlier = await self._by_idempotency_key(new.idempotency_key)
+            if earlier is None:
+                raise
+            return earlier, False
+
+    async def _by_idempotency_key(self, idempotency_key: str) -> Notification | None:
+        async with self.reader.connect() as conn:
+            found = (
+                await conn.execute(
+                    sa.select(notifications.c.id).where(
+                        notifications.c.idempotency_key == idempotency_key
+                    )
+                )
+            ).scalar()
+        return None if found is None else await self.get_notification(found)
+
+    async def _insert_notification(self, new: NewNotification, now: float) -> Notification:
+        notification_id = new_id("msg_")
+        async with self.engine.begin() as conn:
+            targets = (
+                await conn.execute(
+                    sa.select(endpoints.c.id, endpoints.c.window_s)
+                    .join(endpoint_topics, endpoint_topics.c.endpoint_id == endpoints.c.id)
+                    .where(
+                        endpoint_topics.c.topic.in_((new.topic, "*")),
+                        endpoints.c.enabled.is_(True),
+                    )
+                    .distinct()
+                )
+            ).all()
+            status = NotificationStatus.PENDING if targets else NotificationStatus.UNROUTED
+            seq = (
+                await conn.execute(
+                    notifications.insert()
+                    .values(
+                        id=notification_id,
+                        topic=new.topic,
+                        key=new.key,
+                        idempotency_key=new.idempotency_key,
+                        content_type=new.content_type,
+                        body=new.body,
+                        status=status.value,
+                        created_at=now,
+                    )
+                    .returning(notifications.c.seq)
+                )
+            ).scalar_one()
+            made = [
+                Delivery(
+                    id=new_id("dlv_"),
+                    notification_id=notification_id,
+                    endpoint_id=target.id,
+                    status=DeliveryStatus.PENDING,
+                    attempt_count=0,
+                    next_attempt_at=now,
+                    deadline_at=now + target.window_s,
+                    created_at=now,
+                    updated_at=now,
+                )
+                for target in targets
+            ]
+            if made:
+                await conn.execute(
+                    deliveries.insert(),
+                    [
+                        {
+                            "id": d.id,
+                            "notification_id": d.notification_id,
+                            "endpoint_id": d.endpoint_id,
+                            "status": d.status.value,
+                            "attempt_count": 0,
+                            "next_attempt_at": d.next_attempt_at,
+                            "deadline_at": d.deadline_at,
+                            "reclaimed": False,
+                            "crashes": 0,
+                            "created_at": now,
+                            "updated_at": now,
+                        }
+                        for d in made
+                    ],
+                )
+        return Notification(
+            id=notification_id,
+            seq=seq,
+            topic=new.topic,
+            key=new.key,
+            idempotency_key=new.idempotency_key,
+            content_type=new.content_type,
+            body=new.body,
+            status=status,
+            created_at=now,
+            deliveries=tuple(made),
+        )
+
+    async def get_notification(self, notification_id: str) -> Notification:
+        async with self.reader.connect() as conn:
+            row = (
+                await conn.execute(
+                    notifications.select().where(notifications.c.id == notification_id)
+                )
+            ).first()
+            if row is None:
+                raise NotFound(f"no notification with id {notification_id!r}")
+            delivery_rows = (
+                await conn.execute(
+                    deliveries.select()
+                    .where(deliveries.c.notification_id == notification_id)
+                    .order_by(deliveries.c.created_at, deliveries.c.id)
+                )
+            ).all()
+            by_delivery: dict[str, list[Attempt]] = {d.id: [] for d in delivery_rows}
+            if by_delivery:
+                attempt_rows = await conn.execute(
+                    attempts.select()
+                    .where(attempts.c.delivery_id.in_(list(by_delivery)))
+                    .order_by(attempts.c.delivery_id, attempts.c.number)
+                )
+                for attempt_row in attempt_rows:
+                    by_delivery[attempt_row.delivery_id].append(_attempt_from_row(attempt_row))
+        found = [_delivery_from_row(d, by_delivery[d.id]) for d in delivery_rows]
+        return _notification_from_row(row, found)
+
+    async def list_notifications(self, query: NotificationQuery) -> Page:
+        n = notifications.c
+        select = notifications.select().where(n.seq > query.after_seq)
+        if query.topic is not None:
+            select = select.where(n.topic == query.topic)
+        if query.key is not None:
+            select = select.where(n.key == query.key)
+        if query.status is not None:
+            select = select.where(n.status == query.status.value)
+        if query.created_after is not None:
+            select = select.where(n.created_at > query.created_after)
+        if query.endpoint_ids is not None:
+            routed = sa.exists().where(
+                deliveries.c.notification_id == n.id,
+                deliveries.c.endpoint_id.in_(sorted(query.endpoint_ids)),
+            )
+            select = select.where(routed)
+        select = select.order_by(n.seq).limit(query.limit + 1)
+        async with self.reader.connect() as conn:
+            rows = (await conn.execute(select)).all()
+            page = rows[: query.limit]
+            by_notification: dict[str, list[Delivery]] = {row.id: [] for row in page}
+            if page:
+                for d in await conn.execute(
+                    deliveries.select()
+                    .where(deliveries.c.notification_id.in_(list(by_notification)))
+                    .order_by(deliveries.c.created_at, deliveries.c.id)
+                ):
+                    by_notification[d.notification_id].append(_delivery_from_row(d))
+        items = [_notification_from_row(row, by_notification[row.id]) for row in page]
+        next_seq = page[-1].seq if len(rows) > query.limit else None
+        return Page(items=items, next_seq=next_seq)
+
+    async def redeliver(
+        self, notification_id: str, now: float, endpoint_ids: frozenset[str] | None = None
+    ) -> list[str]:
+        async with self.engine.begin() as conn:
+            exists = (
+                await conn.execute(
+                    sa.select(n_id := notifications.c.id).where(n_id == notification_id)
+                )
+            ).first()
+            if exists is None:
+                raise NotFound(f"no notification with id {notification_id!r}")
+            d = deliveries.c
+            where = [
+                d.notification_id == notification_id,
+                # A leased delivery is being attempted right now; a second one would overlap.
+                d.status.in_(
+                    (
+                        DeliveryStatus.PENDING.value,
+                        DeliveryStatus.EXHAUSTED.value,
+                        DeliveryStatus.CANCELLED.value,
+                    )
+                ),
+            ]
+            if endpoint_ids is not None:
+                where.append(d.endpoint_id.in_(sorted(endpoint_ids)))
+            touched = await conn.execute(
+                deliveries.update()
+                .where(*where)
+                .values(
+                    status=DeliveryStatus.PENDING.value,
+                    next_attempt_at=now,
+                    # A manual redelivery gets one attempt even after the window closed.
+                    deadline_at=sa.func.max(d.deadline_at, now)
+                    if self.is_sqlite
+                    else sa.func.greatest(d.deadline_at, now),
+                    crashes=0,
+                    updated_at=now,
+                )
+                .returning(d.id)
+            )
+            ids = [row.id for row in touched]
+            await self._refresh_status(conn, {notification_id})
+            return ids
+
+    # dispatching -----------------------------------------------------------------------
+
+    async def claim_due(
+        self,
+        *,
+        now: float,
+        limit: int,
+        lease_s: float,
+        owner: str,
+        exclude_endpoints: Sequence[str] = (),
+        delivery_ids: Sequence[str] | None = None,
+        max_crashes: int = 3,
+    ) -> list[Claim]:
+        d = deliveries.c
+        due = (
+            sa.select(d.id)
+            .where(d.next_attempt_at <= now)
+            .order_by(d.next_attempt_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        if exclude_endpoints:
+            due = due.where(d.endpoint_id.not_in(list(exclude_endpoints)))
+        if delivery_ids is not None:
+            due = due.where(d.id.in_(list(delivery_ids)))
+        claim = (
+            deliveries.update()
+            .where(d.id.in_(due.scalar_subquery()), d.next_attempt_at <= now)
+            .values(
+                # Right-hand sides see the old row: a lease that ran out means the
+                # process holding it died (or stalled) mid-attempt.
+                reclaimed=d.status == DeliveryStatus.DELIVERING.value,
+                crashes=d.crashes
+                + sa.case((d.status == DeliveryStatus.DELIVERING.value, 1), else_=0),
+                status=DeliveryStatus.DELIVERING.value,
+                attempt_count=d.attempt_count + 1,
+                next_attempt_at=now + lease_s,
+                lease_owner=owner,
+                updated_at=now,
+            )
+            .returning(
+                d.id,
+                d.notification_id,
+                d.endpoint_id,
+                d.attempt_count,
+                d.deadline_at,
+                d.reclaimed,
+                d.crashes,
+            )
+        )
+        async with self.engine.begin() as conn:
+            leased = (await conn.execute(claim)).all()
+            if not leased:
+                return []
+            lost = [row for row in leased if row.reclaimed]
+            if lost:
+                await self._record_lost_attempts(conn, lost, now)
+            doomed = {row.id for row in lost if row.crashes >= max_crashes or now > row.deadline_at}
+            if doomed:
+                await conn.execute(
+                    deliveries.update()
+                    .where(d.id.in_(sorted(doomed)))
+                    .values(
+                        status=DeliveryStatus.EXHAUSTED.value,
+                        next_attempt_at=None,
+                        lease_owner=None,
+                        updated_at=now,
+                    )
+                )
+                await self._refresh_status(
+                    conn, {row.notification_id for row in lost if row.id in doomed}
+                )
+                log.error(
+                    "gave up on %d deliveries whose dispatcher died mid-attempt",
+                    len(doomed),
+                    extra={"action": "exhausted_after_crashes", "delivery_ids": sorted(doomed)},
+                )
+            live = [row for row in leased if row.id not in doomed]
+            bodies = await self._bodies(conn, {row.notification_id for row in live})
+        return [
+            Claim(
+                delivery_id=row.id,
+                notification_id=row.notification_id,
+                endpoint_id=row.endpoint_id,
+                attempt_number=row.attempt_count,
+                body=bodies[row.notification_id].body,
+                content_type=bodies[row.notification_id].content_type,
+                topic=bodies[row.notification_id].topic,
+                created_at=bodies[row.notification_id].created_at,
+                deadline_at=row.deadline_at,
+            )
+            for row in live
+        ]
+
+    async def _record_lost_attempts(
+        self, conn: AsyncConnection, lost: Sequence[Row[Any]], now: float
+    ) -> None:
+        # The lost attempt is the one numbered just before this claim's.
+        lost_attempts = [
+            _attempt_values(
+                Attempt(
+                    delivery_id=row.id,
+                    number=row.attempt_count - 1,
+                    started_at=now,
+                    duration_ms=0.0,
+                    succeeded=False,
+                    error_class=ErrorClass.INTERRUPTED,
+                    error_detail="the dispatcher holding this attempt stopped before "
+                    "recording it; its lease ran out",
+                )
+            )
+            for row in lost
+            if row.attempt_count > 1
+        ]
+        known = set()
+        if lost_attempts:
+            keys = [(a["delivery_id"], a["number"]) for a in lost_attempts]
+            existing = await conn.execute(
+                sa.select(attempts.c.delivery_id, attempts.c.number).where(
+                    sa.tuple_(attempts.c.delivery_id, attempts.c.number).in_(keys)
+                )
+            )
+            known = {(row.delivery_id, row.number) for row in existing}
+        fresh = [a for a in lost_attempts if (a["delivery_id"], a["number"]) not in known]
+        if fresh:
+            await conn.execute(attempts.insert(), fresh)
+
+    async def _bodies(self, conn: AsyncConnection, ids: set[str]) -> dict[str, Row[Any]]:
+        if not ids:
+            return {}
+        n = notifications.c
+        rows = await conn.execute(
+            sa.select(n.id, n.body, n.content_type, n.topic, n.created_at).where(
+                n.id.in_(sorted(ids))
+            )
+        )
+        return {row.id: row for row in rows}
+
+    async def renew_leases(self, *, owner: str, now: float, lease_s: float) -> int:
+        d = deliveries.c
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                deliveries.update()
+                .where(d.lease_owner == owner, d.status == DeliveryStatus.DELIVERING.value)
+                .values(next_attempt_at=now + lease_s)
+            )
+            return int(result.rowcount)
+
+    async def release(self, claims: Sequence[Claim], now: float) -> None:
+        if not claims:
+            return
+        d = deliveries.c
+        async with self.engine.begin() as conn:
+            for claim in claims:
+                await conn.execute(
+                    deliveries.update()
+                    .where(
+                        d.id == claim.delivery_id,
+                        d.attempt_count == claim.attempt_number,
+                        d.status == DeliveryStatus.DELIVERING.value,
+                    )
+                    .values(
+                        status=DeliveryStatus.PENDING.value,
+                        attempt_count=d.attempt_count - 1,
+                        next_attempt_at=now,
+                        lease_owner=None,
+                        updated_at=now,
+                    )
+                )
+
+    async def record_outcomes(self, outcomes: Sequence[Outcome], now: float) -> None:
+        if not outcomes:
+            return
+        d = deliveries.c
+        touched: set[str] = set()
+        async with self.engine.begin() as conn:
+            for outcome in outcomes:
+                claim = outcome.claim
+                status = {
+                    OutcomeKind.DELIVERED: DeliveryStatus.DELIVERED,
+                    OutcomeKind.RETRY: DeliveryStatus.PENDING,
+                    OutcomeKind.EXHAUSTED: DeliveryStatus.EXHAUSTED,
+                }[outcome.kind]
+                result = await conn.execute(
+                    deliveries.update()
+                    .where(
+                        d.id == claim.delivery_id,
+                        d.attempt_count == claim.attempt_number,
+                        d.status == DeliveryStatus.DELIVERING.value,
+                    )
+                    .values(
+                        status=status.value,
+                        next_attempt_at=outcome.next_attempt_at,
+                        lease_owner=None,
+                        reclaimed=False,
+                        updated_at=now,
+                    )
+                )
+                if result.rowcount == 1:
+                    await conn.execute(attempts.insert(), [_attempt_values(outcome.attempt)])
+                else:
+                    await self._record_late(conn, outcome, now)
+                touched.add(claim.notification_id)
+            await self._refresh_status(conn, touched)
+
+    async def _record_late(self, conn: AsyncConnection, outcome: Outcome, now: float) -> None:
+        """An attempt finished after its lease was taken over: keep what it learned."""
+        a = attempts.c
+        values = _attempt_values(outcome.attempt)
+        replaced = await conn.execute(
+            attempts.update()
+            .where(
+                a.delivery_id == outcome.attempt.delivery_id,
+                a.number == outcome.attempt.number,
+                a.error_class == ErrorClass.INTERRUPTED.value,
+            )
+            .values(**values)
+        )
+        if replaced.rowcount == 0:
+            try:
+                async with conn.begin_nested():
+                    await conn.execute(attempts.insert(), [values])
+            except IntegrityError:
+                log.warning(
+                    "attempt %s of %s was already recorded",
+                    outcome.attempt.number,
+                    outcome.attempt.delivery_id,
+                )
+        if outcome.kind is OutcomeKind.DELIVERED:
+            d = deliveries.c
+            await conn.execute(
+                deliveries.update()
+                .where(d.id == outcome.claim.delivery_id, d.status.in_(_LIVE))
+                .values(
+                    status=DeliveryStatus.DELIVERED.value,
+                    next_attempt_at=None,
+                    lease_owner=None,
+                    updated_at=now,
+                )
+            )
+
+    async def _refresh_status(self, conn: AsyncConnection, notification_ids: set[str]) -> None:
+        if not notification_ids:
+            return
+        await conn.execute(
+            notifications.update()
+            .where(notifications.c.id.in_(sorted(notification_ids)))
+            .values(status=_summary_status())
+        )
+
+    async def next_due_at(self) -> float | None:
+        async with self.reader.connect() as conn:
+            value = (
+                await conn.execute(sa.select(sa.func.min(deliveries.c.next_attempt_at)))
+            ).scalar()
+        return None if value is None else float(value)
+
+    async def stats(self) -> dict[str, Any]:
+        async with self.reader.connect() as conn:
+            rows = await conn.execute(
+                sa.select(deliveries.c.status, sa.func.count()).group_by(deliveries.c.status)
+            )
+            counts = {row[0]: int(row[1]) for row in rows}
+        return {"deliveries": counts}

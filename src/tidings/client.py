@@ -108,7 +108,7 @@ class Client:
         """Every notification with this business key, oldest first."""
         return list(self._pages({"key": key, "topic": topic}))
 
-    def list(self, **filters: Any) -> dict[str, Any]:
+    def page(self, **filters: Any) -> dict[str, Any]:
         """One page of notifications (topic, key, status, created_after, cursor, limit)."""
         params = {k: v for k, v in filters.items() if v is not None}
         result: dict[str, Any] = self._call("GET", "/v1/notifications", params=params)
@@ -121,7 +121,7 @@ class Client:
         cursor to resume from after each one."""
         cursor = after
         while True:
-            page = self.list(topic=topic, cursor=cursor, limit=page_size)
+            page = self.page(topic=topic, cursor=cursor, limit=page_size)
             items = page["items"]
             for item in items:
                 yield item["id"], item
@@ -132,7 +132,7 @@ class Client:
     def _pages(self, filters: dict[str, Any]) -> Iterator[dict[str, Any]]:
         cursor: str | None = None
         while True:
-            page = self.list(cursor=cursor, limit=500, **filters)
+            page = self.page(cursor=cursor, limit=500, **filters)
             yield from page["items"]
             cursor = page["next_cursor"]
             if cursor is None:

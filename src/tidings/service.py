@@ -247,7 +247,7 @@ class Service:
         """A notification with its deliveries and attempts."""
         return await self.store.get_notification(notification_id)
 
-    async def list(self, query: NotificationQuery) -> Page:
+    async def list_notifications(self, query: NotificationQuery) -> Page:
         """Notifications by topic, key, status and time, oldest first."""
         return await self.store.list_notifications(query)
 

@@ -144,7 +144,7 @@ async def list_notifications(
         after_seq=_parse_cursor(cursor),
         limit=limit,
     )
-    page = await _service(request).list(query)
+    page = await _service(request).list_notifications(query)
     return NotificationPage(
         items=[NotificationOut.of(n, with_attempts=False) for n in page.items],
         next_cursor=None if page.next_seq is None else str(page.next_seq),

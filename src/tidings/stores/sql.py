@@ -598,7 +598,7 @@ class SqlStore(Store):
         if fresh:
             await conn.execute(attempts.insert(), fresh)
 
-    async def _bodies(self, conn: AsyncConnection, ids: set[str]) -> dict[str, Row[Any]]:
+    async def _bodies(self, conn: AsyncConnection, ids: set[str]) -> dict[str, Any]:
         if not ids:
             return {}
         n = notifications.c

@@ -26,6 +26,14 @@ class Broker(abc.ABC):
         """Announce deliveries that are due now."""
 
     @abc.abstractmethod
+    async def publish_retry(self, delivery_id: str, due_at: float) -> None:
+        """Announce a delivery that will be due at `due_at` (epoch seconds).
+
+        May raise BrokerUnavailable: the retry is already in the store, so the caller
+        logs it and moves on; the store poll finds the delivery when it is due.
+        """
+
+    @abc.abstractmethod
     async def wait_due(self, timeout_s: float) -> list[str] | None:
         """Wait up to `timeout_s` for due deliveries.
 

@@ -29,6 +29,9 @@ class EmbeddedBroker(Broker):
         if delivery_ids:
             self._due.set()
 
+    async def publish_retry(self, delivery_id: str, due_at: float) -> None:
+        return None  # the store poll finds it when it is due
+
     async def wait_due(self, timeout_s: float) -> list[str] | None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._due.wait(), timeout_s)

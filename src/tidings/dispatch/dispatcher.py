@@ -290,6 +290,22 @@ class Dispatcher:
                 await asyncio.sleep(_STORE_RETRY_S[min(failures, len(_STORE_RETRY_S)) - 1])
         for outcome in batch:
             self._let_go(outcome.claim)
+        await self._announce_retries(batch)
+
+    async def _announce_retries(self, batch: list[Outcome]) -> None:
+        for outcome in batch:
+            if outcome.kind is not OutcomeKind.RETRY or outcome.next_attempt_at is None:
+                continue
+            try:
+                await self.broker.publish_retry(outcome.claim.delivery_id, outcome.next_attempt_at)
+            except Exception:
+                # The retry is in the store; the poll of the store picks it up when due.
+                log.warning(
+                    "could not announce the retry of %s; the store poll will find it",
+                    outcome.claim.delivery_id,
+                    exc_info=True,
+                    extra={"action": "announce_failed", "delivery_id": outcome.claim.delivery_id},
+                )
 
     async def _flush_all(self) -> None:
         batch: list[Outcome] = []

@@ -19,10 +19,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 endpoints_app = typer.Typer(help="Add, list and remove endpoints.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys, made directly in the store.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 demo_app = typer.Typer(help="Play worked examples on 127.0.0.1.", no_args_is_help=True)
 app.add_typer(endpoints_app, name="endpoints")
 app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
 app.add_typer(demo_app, name="demo")
 
 _state = {"verbose": False}
@@ -81,9 +83,34 @@ def _serve(host: str, port: int, database_url: str | None, log_level: str, mode:
         err=True,
     )
     config = uvicorn.Config(
-        create_app(service), host=host, port=port, log_level="warning", lifespan="on"
+        create_app(service, on_started=_announce_admin_key),
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan="on",
     )
     uvicorn.Server(config).run()
+
+
+async def _announce_admin_key(service: Any) -> None:
+    """On first start, make an admin key, save it (mode 0600) and print it once."""
+    plain = await service.ensure_admin_key()
+    path = service.settings.admin_key_file
+    if plain is not None:
+        _save_secret(path, plain)
+        typer.echo(
+            f"First start: admin API key (shown once; also saved to {path}):\n  {plain}\n"
+            f"Use it as: curl -H 'Authorization: Bearer {plain}' ...",
+            err=True,
+        )
+    elif service.settings.auth_required:
+        typer.echo(f"Authentication is on; the first admin API key was saved to {path}", err=True)
+
+
+def _save_secret(path: str, plain: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(plain + "\n")
 
 
 def _redact(url: str) -> str:
@@ -146,6 +173,78 @@ def db_upgrade(database_url: DatabaseOption = None) -> None:
 
     asyncio.run(upgrade())
     typer.echo(f"schema is up to date in {_redact(url)}")
+
+
+# API keys ------------------------------------------------------------------------------
+
+
+def _with_service(database_url: str | None, work: Any) -> Any:
+    from tidings.service import Service
+    from tidings.settings import Settings
+
+    settings = Settings(database_url=database_url) if database_url else Settings()
+
+    async def run() -> Any:
+        service = Service(settings, run_dispatcher=False)
+        await service.start()
+        try:
+            return await work(service)
+        finally:
+            await service.stop()
+
+    return asyncio.run(run())
+
+
+@keys_app.command("create")
+def keys_create(
+    scope: Annotated[str, typer.Option(help="admin, notifier or receiver")],
+    name: str = "",
+    topic: Annotated[list[str] | None, typer.Option("--topic", help="notifier topics")] = None,
+    endpoint: Annotated[
+        list[str] | None, typer.Option("--endpoint", help="receiver endpoint ids")
+    ] = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Make an API key and print it once."""
+    from tidings.auth import Scope
+
+    try:
+        chosen = Scope(scope)
+    except ValueError as exc:
+        raise TidingsError(f"--scope must be admin, notifier or receiver, not {scope!r}") from exc
+
+    async def work(service: Any) -> Any:
+        return await service.create_key(
+            chosen, name=name, topics=tuple(topic or ["*"]), endpoint_ids=tuple(endpoint or [])
+        )
+
+    made = _with_service(database_url, work)
+    typer.echo(f"{made.record.id} {made.record.scope.value}: {made.plain}")
+    typer.echo("The key is shown only now; keep it somewhere safe.", err=True)
+
+
+@keys_app.command("list")
+def keys_list(database_url: DatabaseOption = None) -> None:
+    """List API keys (never their plain text)."""
+
+    async def work(service: Any) -> Any:
+        return await service.store.list_keys()
+
+    for key in _with_service(database_url, work):
+        state = "revoked" if key.revoked else "active"
+        scope_of = ",".join(key.topics if key.scope.value == "notifier" else key.endpoint_ids)
+        typer.echo(f"{key.id}  {key.scope.value:<9} {state:<8} {key.name} {scope_of}".rstrip())
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, database_url: DatabaseOption = None) -> None:
+    """Revoke an API key at once."""
+
+    async def work(service: Any) -> Any:
+        await service.store.revoke_key(key_id, service.clock.now())
+
+    _with_service(database_url, work)
+    typer.echo(f"revoked {key_id}")
 
 
 # notifier and receiver ------------------------------------------------------------------

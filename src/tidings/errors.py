@@ -85,3 +85,15 @@ class SignatureError(TidingsError):
     """The webhook signature does not verify."""
 
     code = "invalid_signature"
+
+
+class Unauthenticated(TidingsError):
+    """Send an API key as `Authorization: Bearer <key>`; `tidings keys create` makes one."""
+
+    code = "unauthenticated"
+
+
+class Forbidden(TidingsError):
+    """This API key's scope does not allow the request; use a key with the right scope."""
+
+    code = "forbidden"

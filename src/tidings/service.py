@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from tidings.auth import NewKey, Scope, make_key
 from tidings.brokers.base import Broker
 from tidings.brokers.embedded import EmbeddedBroker
 from tidings.clock import Clock, SystemClock
@@ -218,6 +219,48 @@ class Service:
             self.dispatcher.endpoints.forget(endpoint_id)
         return cancelled
 
+    # API keys --------------------------------------------------------------------------
+
+    async def create_key(
+        self,
+        scope: Scope,
+        *,
+        name: str = "",
+        topics: tuple[str, ...] = ("*",),
+        endpoint_ids: tuple[str, ...] = (),
+    ) -> NewKey:
+        """Make an API key; its plain text is returned once and never stored."""
+        for endpoint_id in endpoint_ids:
+            await self.store.get_endpoint(endpoint_id)  # NotFound names the bad id
+        for index, topic in enumerate(topics):
+            if topic != "*":
+                check_topic(topic, f"topics[{index}]")
+        made = make_key(
+            new_id("key_"),
+            scope,
+            self.clock.now(),
+            name=name,
+            topics=topics,
+            endpoint_ids=endpoint_ids,
+        )
+        await self.store.add_key(made.record)
+        log.info(
+            "API key %s created with scope %s",
+            made.record.id,
+            scope.value,
+            extra={"action": "key_created"},
+        )
+        return made
+
+    async def ensure_admin_key(self) -> str | None:
+        """Make the first admin key when there is none; returns its plain text if made."""
+        if not self.settings.auth_required:
+            return None
+        if any(k.scope is Scope.ADMIN and not k.revoked for k in await self.store.list_keys()):
+            return None
+        made = await self.create_key(Scope.ADMIN, name="first admin key")
+        return made.plain
+
     # notifications ---------------------------------------------------------------------
 
     async def send(self, new: NewNotification) -> tuple[Notification, bool]:
@@ -251,9 +294,11 @@ class Service:
         """Notifications by topic, key, status and time, oldest first."""
         return await self.store.list_notifications(query)
 
-    async def redeliver(self, notification_id: str) -> list[str]:
+    async def redeliver(
+        self, notification_id: str, endpoint_ids: frozenset[str] | None = None
+    ) -> list[str]:
         """An immediate attempt for every delivery not yet delivered."""
-        ids = await self.store.redeliver(notification_id, self.clock.now())
+        ids = await self.store.redeliver(notification_id, self.clock.now(), endpoint_ids)
         await self.broker.publish_due(ids)
         log.info(
             "redelivery of %s asked for %d deliveries",

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
 
+    auth_required: bool = True
+    admin_key_file: str = "./tidings-admin.key"
     allow_private_networks: bool = False
     allowed_ports: list[int] | None = None
 
@@ -72,6 +74,11 @@ class Settings(BaseSettings):
 
     def check(self) -> None:
         """Refuse combinations that cannot work, with the setting to change."""
+        if not self.auth_required and self.host not in ("127.0.0.1", "::1", "localhost"):
+            raise ConfigurationError(
+                f"TIDINGS_AUTH_REQUIRED=false is allowed only when listening on 127.0.0.1; "
+                f"TIDINGS_HOST is {self.host!r}. Keep authentication on, or bind to loopback"
+            )
         longest_attempt_s = self.default_timeout_s + self.connect_timeout_s
         if self.lease_s <= longest_attempt_s:
             raise ConfigurationError(

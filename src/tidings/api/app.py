@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 
 from tidings import __version__
-from tidings.api import endpoints, errors, notifications
+from tidings.api import endpoints, errors, keys, notifications
 from tidings.api.errors import error_response
 from tidings.service import Service
 
@@ -17,13 +17,20 @@ _ENVELOPE_FACTOR = 1.4
 _ENVELOPE_SLACK_BYTES = 16 * 1024
 
 
-def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
+def create_app(
+    service: Service,
+    *,
+    manage_lifecycle: bool = True,
+    on_started: Callable[[Service], Awaitable[None]] | None = None,
+) -> FastAPI:
     """The API over `service`; with `manage_lifecycle` it starts and stops the service."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if manage_lifecycle:
             await service.start()
+        if on_started is not None:
+            await on_started(service)
         try:
             yield
         finally:
@@ -40,6 +47,7 @@ def create_app(service: Service, *, manage_lifecycle: bool = True) -> FastAPI:
     errors.install(app)
     app.include_router(endpoints.router)
     app.include_router(notifications.router)
+    app.include_router(keys.router)
     limit = int(service.settings.max_payload_bytes * _ENVELOPE_FACTOR) + _ENVELOPE_SLACK_BYTES
 
     @app.middleware("http")

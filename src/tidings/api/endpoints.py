@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
 
 from tidings.api.schemas import (
     EndpointIn,
@@ -12,10 +14,17 @@ from tidings.api.schemas import (
     ErrorOut,
     TokenRule,
 )
+from tidings.api.security import require
+from tidings.auth import ApiKey, Scope
+from tidings.errors import NotFound
 from tidings.service import EndpointSpec, Service
 
 router = APIRouter(prefix="/v1/endpoints", tags=["endpoints"])
+Admin = Annotated[ApiKey, Depends(require())]
+AdminOrReceiver = Annotated[ApiKey, Depends(require(Scope.RECEIVER))]
 _ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorOut},
+    403: {"model": ErrorOut},
     404: {"model": ErrorOut},
     422: {"model": ErrorOut},
 }
@@ -31,7 +40,7 @@ def _rule(value: TokenRule | str | None) -> object:
 
 
 @router.post("", status_code=201, response_model=EndpointOut, responses=_ERRORS)
-async def add_endpoint(body: EndpointIn, request: Request) -> EndpointOut:
+async def add_endpoint(body: EndpointIn, request: Request, _: Admin) -> EndpointOut:
     """Register an endpoint; the answer carries its signing secret, shown only now."""
     spec = EndpointSpec(
         url=body.url,
@@ -49,21 +58,25 @@ async def add_endpoint(body: EndpointIn, request: Request) -> EndpointOut:
     return EndpointOut.of(endpoint, with_secret=True)
 
 
-@router.get("", response_model=EndpointList)
-async def list_endpoints(request: Request) -> EndpointList:
+@router.get("", response_model=EndpointList, responses=_ERRORS)
+async def list_endpoints(request: Request, _: Admin) -> EndpointList:
     """Every endpoint, oldest first, without secrets."""
     found = await _service(request).store.list_endpoints()
     return EndpointList(items=[EndpointOut.of(e) for e in found])
 
 
 @router.get("/{endpoint_id}", response_model=EndpointOut, responses=_ERRORS)
-async def get_endpoint(endpoint_id: str, request: Request) -> EndpointOut:
-    """One endpoint, without its secret."""
+async def get_endpoint(endpoint_id: str, request: Request, key: AdminOrReceiver) -> EndpointOut:
+    """One endpoint, without its secret; a receiver key sees only its own."""
+    if key.scope is Scope.RECEIVER and endpoint_id not in key.endpoint_ids:
+        raise NotFound(f"no endpoint with id {endpoint_id!r}")
     return EndpointOut.of(await _service(request).store.get_endpoint(endpoint_id))
 
 
 @router.patch("/{endpoint_id}", response_model=EndpointOut, responses=_ERRORS)
-async def change_endpoint(endpoint_id: str, body: EndpointPatch, request: Request) -> EndpointOut:
+async def change_endpoint(
+    endpoint_id: str, body: EndpointPatch, request: Request, _: Admin
+) -> EndpointOut:
     """Change some fields of an endpoint."""
     spec = EndpointSpec(
         url=body.url,
@@ -81,7 +94,7 @@ async def change_endpoint(endpoint_id: str, body: EndpointPatch, request: Reques
 
 
 @router.delete("/{endpoint_id}", status_code=204, responses=_ERRORS)
-async def remove_endpoint(endpoint_id: str, request: Request) -> Response:
+async def remove_endpoint(endpoint_id: str, request: Request, _: Admin) -> Response:
     """Remove an endpoint; its unfinished deliveries are cancelled."""
     await _service(request).remove_endpoint(endpoint_id)
     return Response(status_code=204)

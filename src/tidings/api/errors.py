@@ -15,6 +15,8 @@ from tidings import errors
 log = logging.getLogger(__name__)
 
 STATUS_OF: list[tuple[type[errors.TidingsError], int]] = [
+    (errors.Unauthenticated, 401),
+    (errors.Forbidden, 403),
     (errors.PayloadTooLarge, 413),
     (errors.InvalidInput, 422),
     (errors.NotFound, 404),
@@ -48,7 +50,8 @@ def install(app: FastAPI) -> None:
         status = next((code for kind, code in STATUS_OF if isinstance(exc, kind)), 500)
         if status >= 500:
             log.error("request failed: %s", exc, extra={"action": "api_error"})
-        return error_response(status, exc.code, exc.message)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+        return error_response(status, exc.code, exc.message, **headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from dataclasses import replace
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from tidings.api.schemas import (
     ErrorOut,
@@ -17,13 +18,20 @@ from tidings.api.schemas import (
     NotificationPage,
     RedeliverOut,
 )
-from tidings.errors import InvalidInput
-from tidings.models import NewNotification, NotificationStatus
+from tidings.api.security import require
+from tidings.auth import ApiKey, Scope
+from tidings.errors import Forbidden, InvalidInput, NotFound
+from tidings.models import NewNotification, Notification, NotificationStatus
 from tidings.service import Service
 from tidings.stores.base import NotificationQuery
 
 router = APIRouter(prefix="/v1/notifications", tags=["notifications"])
+Sender = Annotated[ApiKey, Depends(require(Scope.NOTIFIER))]
+Reader = Annotated[ApiKey, Depends(require(Scope.NOTIFIER, Scope.RECEIVER))]
+Redeliverer = Annotated[ApiKey, Depends(require(Scope.RECEIVER))]
 _ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorOut},
+    403: {"model": ErrorOut},
     404: {"model": ErrorOut},
     413: {"model": ErrorOut},
     422: {"model": ErrorOut},
@@ -77,12 +85,16 @@ def encode_payload(body: NotificationIn) -> tuple[bytes, str]:
 
 @router.post("", status_code=201, response_model=NotificationOut, responses=_ERRORS)
 async def send_notification(
-    body: NotificationIn, request: Request, response: Response
+    body: NotificationIn, request: Request, response: Response, key: Sender
 ) -> NotificationOut:
     """Accept a notification and fan it out to every endpoint of its topic.
 
     A repeated `idempotency_key` answers 200 with the first notification.
     """
+    if not key.may_send(body.topic):
+        raise Forbidden(
+            f"this key may not send on topic {body.topic!r}; its topics: {', '.join(key.topics)}"
+        )
     raw, content_type = encode_payload(body)
     new = NewNotification(
         topic=body.topic,
@@ -128,6 +140,7 @@ def _parse_cursor(cursor: str | None) -> int:
 @router.get("", response_model=NotificationPage, responses=_ERRORS)
 async def list_notifications(
     request: Request,
+    caller: Reader,
     topic: str | None = None,
     key: str | None = None,
     status: NotificationStatus | None = None,
@@ -136,7 +149,10 @@ async def list_notifications(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
 ) -> NotificationPage:
     """Notifications oldest first, by topic, business key, status and creation time."""
+    if caller.scope is Scope.NOTIFIER and "*" not in caller.topics and topic not in caller.topics:
+        raise Forbidden("a notifier key lists only its own topics; pass topic=<one of them>")
     query = NotificationQuery(
+        endpoint_ids=frozenset(caller.endpoint_ids) if caller.scope is Scope.RECEIVER else None,
         topic=topic,
         key=key,
         status=status,
@@ -152,14 +168,32 @@ async def list_notifications(
 
 
 @router.get("/{notification_id}", response_model=NotificationOut, responses=_ERRORS)
-async def get_notification(notification_id: str, request: Request) -> NotificationOut:
+async def get_notification(notification_id: str, request: Request, key: Reader) -> NotificationOut:
     """A notification, its deliveries and every attempt: the authoritative answer."""
-    notification = await _service(request).get(notification_id)
+    notification = visible(await _service(request).get(notification_id), key)
     return NotificationOut.of(notification, with_attempts=True)
 
 
+def visible(notification: Notification, key: ApiKey) -> Notification:
+    """The notification as `key` may see it; NotFound when it may not (no leak)."""
+    if key.scope is Scope.ADMIN:
+        return notification
+    if key.scope is Scope.NOTIFIER and ("*" in key.topics or notification.topic in key.topics):
+        return notification
+    if key.scope is Scope.RECEIVER:
+        mine = tuple(d for d in notification.deliveries if d.endpoint_id in key.endpoint_ids)
+        if mine:
+            return replace(notification, deliveries=mine)
+    raise NotFound(f"no notification with id {notification.id!r}")
+
+
 @router.post("/{notification_id}/redeliver", response_model=RedeliverOut, responses=_ERRORS)
-async def redeliver(notification_id: str, request: Request) -> RedeliverOut:
+async def redeliver(notification_id: str, request: Request, key: Redeliverer) -> RedeliverOut:
     """An immediate attempt for each delivery not yet delivered."""
-    ids = await _service(request).redeliver(notification_id)
+    service = _service(request)
+    if key.scope is Scope.RECEIVER:
+        visible(await service.get(notification_id), key)
+        ids = await service.redeliver(notification_id, frozenset(key.endpoint_ids))
+    else:
+        ids = await service.redeliver(notification_id)
     return RedeliverOut(notification_id=notification_id, deliveries=ids)

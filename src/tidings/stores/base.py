@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tidings.auth import ApiKey
 from tidings.models import (
     Claim,
     Endpoint,
@@ -131,6 +132,24 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def next_due_at(self) -> float | None:
         """When the earliest waiting delivery is due, if any."""
+
+    # API keys --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def add_key(self, key: ApiKey) -> None:
+        """Store a key (its hash only)."""
+
+    @abc.abstractmethod
+    async def key_by_hash(self, key_hash: str) -> ApiKey | None:
+        """The key with this hash, revoked or not."""
+
+    @abc.abstractmethod
+    async def list_keys(self) -> list[ApiKey]:
+        """Every key, oldest first."""
+
+    @abc.abstractmethod
+    async def revoke_key(self, key_id: str, now: float) -> None:
+        """Revoke a key; raises NotFound."""
 
     @abc.abstractmethod
     async def stats(self) -> dict[str, Any]:

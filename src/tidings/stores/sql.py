@@ -11,6 +11,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from tidings.auth import ApiKey, Scope
 from tidings.errors import NotFound
 from tidings.models import (
     Attempt,
@@ -31,7 +32,14 @@ from tidings.schedule import RetrySchedule
 from tidings.stores.base import NotificationQuery, Page, Store
 from tidings.stores.engine import create_engine_for
 from tidings.stores.migrate import upgrade_async
-from tidings.stores.tables import attempts, deliveries, endpoint_topics, endpoints, notifications
+from tidings.stores.tables import (
+    api_keys,
+    attempts,
+    deliveries,
+    endpoint_topics,
+    endpoints,
+    notifications,
+)
 from tidings.success import SuccessRule
 
 log = logging.getLogger(__name__)
@@ -68,6 +76,19 @@ def _endpoint_values(endpoint: Endpoint) -> dict[str, Any]:
         "enabled": endpoint.enabled,
         "description": endpoint.description,
     }
+
+
+def _key_from_row(row: Any) -> ApiKey:
+    return ApiKey(
+        id=row.id,
+        scope=Scope(row.scope),
+        key_hash=row.key_hash,
+        name=row.name,
+        topics=tuple(row.topics),
+        endpoint_ids=tuple(row.endpoint_ids),
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+    )
 
 
 def _attempt_from_row(row: Row[Any]) -> Attempt:
@@ -727,6 +748,49 @@ class SqlStore(Store):
                 await conn.execute(sa.select(sa.func.min(deliveries.c.next_attempt_at)))
             ).scalar()
         return None if value is None else float(value)
+
+    # API keys --------------------------------------------------------------------------
+
+    async def add_key(self, key: ApiKey) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                api_keys.insert().values(
+                    id=key.id,
+                    key_hash=key.key_hash,
+                    scope=key.scope.value,
+                    name=key.name,
+                    topics=list(key.topics),
+                    endpoint_ids=list(key.endpoint_ids),
+                    created_at=key.created_at,
+                    revoked_at=key.revoked_at,
+                )
+            )
+
+    async def key_by_hash(self, key_hash: str) -> ApiKey | None:
+        async with self.reader.connect() as conn:
+            row = (
+                await conn.execute(api_keys.select().where(api_keys.c.key_hash == key_hash))
+            ).first()
+        return None if row is None else _key_from_row(row)
+
+    async def list_keys(self) -> list[ApiKey]:
+        query = api_keys.select().order_by(api_keys.c.created_at, api_keys.c.id)
+        async with self.reader.connect() as conn:
+            return [_key_from_row(row) for row in await conn.execute(query)]
+
+    async def revoke_key(self, key_id: str, now: float) -> None:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                api_keys.update()
+                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+            if result.rowcount == 0:
+                exists = (
+                    await conn.execute(sa.select(api_keys.c.id).where(api_keys.c.id == key_id))
+                ).first()
+                if exists is None:
+                    raise NotFound(f"no API key with id {key_id!r}")
 
     async def stats(self) -> dict[str, Any]:
         async with self.reader.connect() as conn:

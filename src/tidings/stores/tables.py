@@ -96,3 +96,16 @@ attempts = sa.Table(
     sa.Column("retry_after_s", _epoch),
     sa.PrimaryKeyConstraint("delivery_id", "number"),
 )
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("scope", sa.String(16), nullable=False),
+    sa.Column("name", sa.Text, nullable=False, server_default=""),
+    sa.Column("topics", sa.JSON, nullable=False),
+    sa.Column("endpoint_ids", sa.JSON, nullable=False),
+    sa.Column("created_at", _epoch, nullable=False),
+    sa.Column("revoked_at", _epoch),
+)

@@ -1,0 +1,419 @@
+"""The in-process store: plain dicts with the semantics of the SQL store, for tests and demos."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tidings.auth import ApiKey
+from tidings.errors import Conflict, NotFound
+from tidings.models import (
+    Attempt,
+    Claim,
+    Delivery,
+    DeliveryStatus,
+    Endpoint,
+    ErrorClass,
+    NewNotification,
+    Notification,
+    NotificationStatus,
+    Outcome,
+    OutcomeKind,
+    new_id,
+)
+from tidings.stores.base import NotificationQuery, Page, Store
+
+log = logging.getLogger(__name__)
+
+_LIVE = frozenset({DeliveryStatus.PENDING, DeliveryStatus.DELIVERING})
+_REDELIVERABLE = frozenset(
+    {DeliveryStatus.PENDING, DeliveryStatus.EXHAUSTED, DeliveryStatus.CANCELLED}
+)
+_STATUS_AFTER = {
+    OutcomeKind.DELIVERED: DeliveryStatus.DELIVERED,
+    OutcomeKind.RETRY: DeliveryStatus.PENDING,
+    OutcomeKind.EXHAUSTED: DeliveryStatus.EXHAUSTED,
+}
+
+
+@dataclass
+class _DeliveryRow:
+    """One row of the deliveries table; mutable, unlike the Delivery it is read as."""
+
+    id: str
+    notification_id: str
+    endpoint_id: str
+    status: DeliveryStatus
+    attempt_count: int
+    next_attempt_at: float | None
+    deadline_at: float
+    created_at: float
+    updated_at: float
+    crashes: int = 0
+    lease_owner: str | None = None
+
+    def settle(self, status: DeliveryStatus, next_attempt_at: float | None, now: float) -> None:
+        """Move to `status` and drop the lease."""
+        self.status = status
+        self.next_attempt_at = next_attempt_at
+        self.lease_owner = None
+        self.updated_at = now
+
+
+def summary_status(statuses: Iterable[DeliveryStatus]) -> NotificationStatus:
+    """The notification status its deliveries add up to (the rule of the SQL store)."""
+    present = set(statuses)
+    if present & _LIVE:
+        return NotificationStatus.PENDING
+    for status, summary in (
+        (DeliveryStatus.EXHAUSTED, NotificationStatus.EXHAUSTED),
+        (DeliveryStatus.DELIVERED, NotificationStatus.DELIVERED),
+        (DeliveryStatus.CANCELLED, NotificationStatus.CANCELLED),
+    ):
+        if status in present:
+            return summary
+    return NotificationStatus.UNROUTED
+
+
+class MemoryStore(Store):
+    """Everything in dicts of this process; each method runs without yielding, so atomically.
+
+    The notification status is derived from the deliveries on every read; the SQL store
+    keeps it in a column that it refreshes on every change that can alter it, so the two
+    always agree.
+    """
+
+    def __init__(self) -> None:
+        self._endpoints: dict[str, Endpoint] = {}
+        # Notifications are kept without status and deliveries, in seq order.
+        self._notifications: dict[str, Notification] = {}
+        self._by_idempotency_key: dict[str, str] = {}
+        self._deliveries: dict[str, _DeliveryRow] = {}
+        self._attempts: dict[str, dict[int, Attempt]] = {}
+        self._last_seq = 0
+        self._keys: dict[str, ApiKey] = {}
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    # endpoints -------------------------------------------------------------------------
+
+    async def add_endpoint(self, endpoint: Endpoint) -> None:
+        if endpoint.id in self._endpoints:
+            raise Conflict(f"an endpoint with id {endpoint.id!r} exists already")
+        self._endpoints[endpoint.id] = endpoint
+
+    async def get_endpoint(self, endpoint_id: str) -> Endpoint:
+        try:
+            return self._endpoints[endpoint_id]
+        except KeyError:
+            raise NotFound(f"no endpoint with id {endpoint_id!r}") from None
+
+    async def list_endpoints(self) -> list[Endpoint]:
+        return sorted(self._endpoints.values(), key=lambda e: (e.created_at, e.id))
+
+    async def replace_endpoint(self, endpoint: Endpoint, now: float) -> None:
+        old = await self.get_endpoint(endpoint.id)
+        self._endpoints[endpoint.id] = dataclasses.replace(endpoint, created_at=old.created_at)
+
+    async def remove_endpoint(self, endpoint_id: str, now: float) -> int:
+        await self.get_endpoint(endpoint_id)
+        del self._endpoints[endpoint_id]
+        touched = set()
+        for row in self._deliveries.values():
+            if row.endpoint_id == endpoint_id and row.status in _LIVE:
+                row.settle(DeliveryStatus.CANCELLED, None, now)
+                touched.add(row.notification_id)
+        return len(touched)
+
+    # notifications ---------------------------------------------------------------------
+
+    async def add_notification(self, new: NewNotification, now: float) -> tuple[Notification, bool]:
+        if new.idempotency_key is not None and new.idempotency_key in self._by_idempotency_key:
+            earlier = self._by_idempotency_key[new.idempotency_key]
+            return await self.get_notification(earlier), False
+
+        self._last_seq += 1
+        notification = Notification(
+            id=new_id("msg_"),
+            seq=self._last_seq,
+            topic=new.topic,
+            key=new.key,
+            idempotency_key=new.idempotency_key,
+            content_type=new.content_type,
+            body=new.body,
+            status=NotificationStatus.UNROUTED,
+            created_at=now,
+        )
+        self._notifications[notification.id] = notification
+        if new.idempotency_key is not None:
+            self._by_idempotency_key[new.idempotency_key] = notification.id
+
+        for endpoint in self._endpoints.values():
+            if endpoint.enabled and endpoint.takes(new.topic):
+                row = _DeliveryRow(
+                    id=new_id("dlv_"),
+                    notification_id=notification.id,
+                    endpoint_id=endpoint.id,
+                    status=DeliveryStatus.PENDING,
+                    attempt_count=0,
+                    next_attempt_at=now,
+                    deadline_at=now + endpoint.schedule.window_s,
+                    created_at=now,
+                    updated_at=now,
+                )
+                self._deliveries[row.id] = row
+                self._attempts[row.id] = {}
+        return self._read(notification, with_attempts=False), True
+
+    async def get_notification(self, notification_id: str) -> Notification:
+        return self._read(self._notification(notification_id), with_attempts=True)
+
+    def _notification(self, notification_id: str) -> Notification:
+        try:
+            return self._notifications[notification_id]
+        except KeyError:
+            raise NotFound(f"no notification with id {notification_id!r}") from None
+
+    def _rows_of(self, notification_id: str) -> list[_DeliveryRow]:
+        # Limitation: a scan of every delivery; fine for tests and demos, not for millions.
+        rows = [r for r in self._deliveries.values() if r.notification_id == notification_id]
+        return sorted(rows, key=lambda r: (r.created_at, r.id))
+
+    def _read(self, notification: Notification, *, with_attempts: bool) -> Notification:
+        rows = self._rows_of(notification.id)
+        return dataclasses.replace(
+            notification,
+            status=summary_status(r.status for r in rows),
+            deliveries=tuple(self._delivery(r, with_attempts=with_attempts) for r in rows),
+        )
+
+    def _delivery(self, row: _DeliveryRow, *, with_attempts: bool) -> Delivery:
+        found = self._attempts.get(row.id, {}) if with_attempts else {}
+        return Delivery(
+            id=row.id,
+            notification_id=row.notification_id,
+            endpoint_id=row.endpoint_id,
+            status=row.status,
+            attempt_count=row.attempt_count,
+            next_attempt_at=row.next_attempt_at,
+            deadline_at=row.deadline_at,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            attempts=tuple(found[number] for number in sorted(found)),
+        )
+
+    async def list_notifications(self, query: NotificationQuery) -> Page:
+        matched: list[Notification] = []
+        for stored in self._notifications.values():
+            if stored.seq <= query.after_seq or not self._matches(stored, query):
+                continue
+            matched.append(self._read(stored, with_attempts=False))
+            if len(matched) > query.limit:
+                break
+        page = matched[: query.limit]
+        next_seq = page[-1].seq if len(matched) > query.limit else None
+        return Page(items=page, next_seq=next_seq)
+
+    def _matches(self, stored: Notification, query: NotificationQuery) -> bool:
+        if query.topic is not None and stored.topic != query.topic:
+            return False
+        if query.key is not None and stored.key != query.key:
+            return False
+        if query.created_after is not None and stored.created_at <= query.created_after:
+            return False
+        rows = self._rows_of(stored.id)
+        if query.status is not None and summary_status(r.status for r in rows) != query.status:
+            return False
+        return query.endpoint_ids is None or any(r.endpoint_id in query.endpoint_ids for r in rows)
+
+    async def redeliver(
+        self, notification_id: str, now: float, endpoint_ids: frozenset[str] | None = None
+    ) -> list[str]:
+        self._notification(notification_id)
+        touched = []
+        for row in self._rows_of(notification_id):
+            # A leased delivery is being attempted right now; a second one would overlap.
+            if row.status not in _REDELIVERABLE:
+                continue
+            if endpoint_ids is not None and row.endpoint_id not in endpoint_ids:
+                continue
+            row.settle(DeliveryStatus.PENDING, now, now)
+            # A manual redelivery gets one attempt even after the window closed.
+            row.deadline_at = max(row.deadline_at, now)
+            row.crashes = 0
+            touched.append(row.id)
+        return touched
+
+    # dispatching -----------------------------------------------------------------------
+
+    async def claim_due(
+        self,
+        *,
+        now: float,
+        limit: int,
+        lease_s: float,
+        owner: str,
+        exclude_endpoints: Sequence[str] = (),
+        delivery_ids: Sequence[str] | None = None,
+        max_crashes: int = 3,
+    ) -> list[Claim]:
+        excluded = set(exclude_endpoints)
+        wanted = None if delivery_ids is None else set(delivery_ids)
+        due = [
+            row
+            for row in self._deliveries.values()
+            if row.next_attempt_at is not None
+            and row.next_attempt_at <= now
+            and row.endpoint_id not in excluded
+            and (wanted is None or row.id in wanted)
+        ]
+        due.sort(key=lambda row: row.next_attempt_at or 0.0)
+
+        claims: list[Claim] = []
+        doomed: list[str] = []
+        for row in due[: max(limit, 0)]:
+            # A delivery still leased when its lease ran out lost its holder mid-attempt.
+            reclaimed = row.status is DeliveryStatus.DELIVERING
+            row.crashes += 1 if reclaimed else 0
+            row.status = DeliveryStatus.DELIVERING
+            row.attempt_count += 1
+            row.next_attempt_at = now + lease_s
+            row.lease_owner = owner
+            row.updated_at = now
+            if reclaimed:
+                self._record_lost_attempt(row, now)
+                if row.crashes >= max_crashes or now > row.deadline_at:
+                    row.settle(DeliveryStatus.EXHAUSTED, None, now)
+                    doomed.append(row.id)
+                    continue
+            claims.append(self._claim(row))
+
+        if doomed:
+            log.error(
+                "gave up on %d deliveries whose dispatcher died mid-attempt",
+                len(doomed),
+                extra={"action": "exhausted_after_crashes", "delivery_ids": sorted(doomed)},
+            )
+        return claims
+
+    def _record_lost_attempt(self, row: _DeliveryRow, now: float) -> None:
+        # The lost attempt is the one numbered just before this claim's.
+        number = row.attempt_count - 1
+        found = self._attempts.setdefault(row.id, {})
+        if number < 1 or number in found:
+            return
+        found[number] = Attempt(
+            delivery_id=row.id,
+            number=number,
+            started_at=now,
+            duration_ms=0.0,
+            succeeded=False,
+            error_class=ErrorClass.INTERRUPTED,
+            error_detail="the dispatcher holding this attempt stopped before recording it; "
+            "its lease ran out",
+        )
+
+    def _claim(self, row: _DeliveryRow) -> Claim:
+        notification = self._notifications[row.notification_id]
+        return Claim(
+            delivery_id=row.id,
+            notification_id=row.notification_id,
+            endpoint_id=row.endpoint_id,
+            attempt_number=row.attempt_count,
+            body=notification.body,
+            content_type=notification.content_type,
+            topic=notification.topic,
+            created_at=notification.created_at,
+            deadline_at=row.deadline_at,
+        )
+
+    async def renew_leases(self, *, owner: str, now: float, lease_s: float) -> int:
+        renewed = 0
+        for row in self._deliveries.values():
+            if row.lease_owner == owner and row.status is DeliveryStatus.DELIVERING:
+                row.next_attempt_at = now + lease_s
+                renewed += 1
+        return renewed
+
+    async def release(self, claims: Sequence[Claim], now: float) -> None:
+        for claim in claims:
+            row = self._current(claim)
+            if row is not None:
+                row.settle(DeliveryStatus.PENDING, now, now)
+                row.attempt_count -= 1
+
+    def _current(self, claim: Claim) -> _DeliveryRow | None:
+        """The delivery row if `claim` still holds it (no one reclaimed it since)."""
+        row = self._deliveries.get(claim.delivery_id)
+        if (
+            row is None
+            or row.attempt_count != claim.attempt_number
+            or row.status is not DeliveryStatus.DELIVERING
+        ):
+            return None
+        return row
+
+    async def record_outcomes(self, outcomes: Sequence[Outcome], now: float) -> None:
+        for outcome in outcomes:
+            row = self._current(outcome.claim)
+            if row is None:
+                self._record_late(outcome, now)
+                continue
+            row.settle(_STATUS_AFTER[outcome.kind], outcome.next_attempt_at, now)
+            self._attempts.setdefault(row.id, {})[outcome.attempt.number] = outcome.attempt
+
+    def _record_late(self, outcome: Outcome, now: float) -> None:
+        """An attempt finished after its lease was taken over: keep what it learned."""
+        attempt = outcome.attempt
+        found = self._attempts.setdefault(attempt.delivery_id, {})
+        earlier = found.get(attempt.number)
+        if earlier is None or earlier.error_class is ErrorClass.INTERRUPTED:
+            found[attempt.number] = attempt
+        else:
+            log.warning(
+                "attempt %s of %s was already recorded",
+                attempt.number,
+                attempt.delivery_id,
+                extra={"action": "late_attempt_duplicate", "delivery_id": attempt.delivery_id},
+            )
+        row = self._deliveries.get(outcome.claim.delivery_id)
+        if outcome.kind is OutcomeKind.DELIVERED and row is not None and row.status in _LIVE:
+            row.settle(DeliveryStatus.DELIVERED, None, now)
+
+    async def next_due_at(self) -> float | None:
+        due = [
+            r.next_attempt_at for r in self._deliveries.values() if r.next_attempt_at is not None
+        ]
+        return min(due) if due else None
+
+    # API keys --------------------------------------------------------------------------
+
+    async def add_key(self, key: ApiKey) -> None:
+        if key.id in self._keys or await self.key_by_hash(key.key_hash) is not None:
+            raise Conflict(f"an API key with id {key.id!r} or the same hash exists already")
+        self._keys[key.id] = key
+
+    async def key_by_hash(self, key_hash: str) -> ApiKey | None:
+        return next((k for k in self._keys.values() if k.key_hash == key_hash), None)
+
+    async def list_keys(self) -> list[ApiKey]:
+        return sorted(self._keys.values(), key=lambda k: (k.created_at, k.id))
+
+    async def revoke_key(self, key_id: str, now: float) -> None:
+        key = self._keys.get(key_id)
+        if key is None:
+            raise NotFound(f"no API key with id {key_id!r}")
+        if key.revoked_at is None:
+            self._keys[key_id] = dataclasses.replace(key, revoked_at=now)
+
+    async def stats(self) -> dict[str, Any]:
+        counts = Counter(row.status.value for row in self._deliveries.values())
+        return {"deliveries": dict(counts)}

@@ -84,6 +84,16 @@ class Endpoint:
     kind: EndpointKind = EndpointKind.HTTP
     enabled: bool = True
     description: str = ""
+    # Parallel to `secrets` (newest first): when each stops signing; empty means never.
+    secrets_expire_at: tuple[float | None, ...] = ()
+
+    def active_secrets(self, now: float) -> tuple[str, ...]:
+        """The secrets that sign attempts made at `now`."""
+        expiry = self.secrets_expire_at or (None,) * len(self.secrets)
+        active = tuple(
+            s for s, end in zip(self.secrets, expiry, strict=True) if end is None or end > now
+        )
+        return active or self.secrets[:1]
 
     def takes(self, topic: str) -> bool:
         """Whether a notification on `topic` goes to this endpoint."""

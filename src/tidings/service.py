@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tidings.auth import NewKey, Scope, make_key
@@ -46,8 +46,20 @@ class EndpointSpec:
     kind: EndpointKind | None = None
 
 
+def check_text(value: str, field: str) -> str:
+    """Refuse text that is not valid Unicode (a lone surrogate), naming the field."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(
+            f"{field}: contains a lone surrogate, which is not valid Unicode", field=field
+        ) from exc
+    return value
+
+
 def check_topic(topic: str, field: str = "topic") -> str:
     """Refuse empty, overlong or whitespace-carrying topics."""
+    check_text(topic, field)
     if not topic or len(topic) > _MAX_TOPIC_CHARS or any(ch.isspace() for ch in topic):
         raise InvalidInput(
             f"{field}: a topic is 1 to {_MAX_TOPIC_CHARS} characters without spaces, "
@@ -175,12 +187,14 @@ class Service:
         secrets = (
             (spec.secret,) if spec.secret else (base.secrets if base else (generate_secret(),))
         )
+        secrets_expire_at = () if spec.secret or base is None else base.secrets_expire_at
         return Endpoint(
             id=base.id if base else new_id("ep_"),
             url=url,
             kind=kind,
             topics=tuple(dict.fromkeys(topics)),
             secrets=secrets,
+            secrets_expire_at=secrets_expire_at,
             schedule=schedule,
             success=success,
             timeout_s=timeout_s,
@@ -210,6 +224,35 @@ class Service:
         await self.store.replace_endpoint(endpoint, self.clock.now())
         if self.dispatcher is not None:
             self.dispatcher.endpoints.forget(endpoint_id)
+        return endpoint
+
+    async def rotate_secret(
+        self, endpoint_id: str, secret: str | None, grace: str | float
+    ) -> Endpoint:
+        """Sign with a new secret from now on; the old ones also sign until `grace` ends."""
+        base = await self.store.get_endpoint(endpoint_id)
+        now = self.clock.now()
+        retire_at = now + parse_duration_s(grace, field="grace")
+        expiry = base.secrets_expire_at or (None,) * len(base.secrets)
+        kept = [
+            (old, retire_at if end is None else min(end, retire_at))
+            for old, end in zip(base.secrets, expiry, strict=True)
+            if end is None or end > now
+        ]
+        fresh = secret or generate_secret()
+        endpoint = replace(
+            base,
+            secrets=(fresh, *(old for old, _ in kept)),
+            secrets_expire_at=(None, *(end for _, end in kept)),
+        )
+        await self.store.replace_endpoint(endpoint, now)
+        if self.dispatcher is not None:
+            self.dispatcher.endpoints.forget(endpoint_id)
+        log.info(
+            "endpoint %s secret rotated",
+            endpoint_id,
+            extra={"action": "secret_rotated", "endpoint": endpoint_id},
+        )
         return endpoint
 
     async def remove_endpoint(self, endpoint_id: str) -> int:
@@ -273,7 +316,7 @@ class Service:
                 "smaller payload, e.g. an id the receiver can look up"
             )
         for name, value in (("key", new.key), ("idempotency_key", new.idempotency_key)):
-            if value is not None and not 0 < len(value) <= 200:
+            if value is not None and not 0 < len(check_text(value, name)) <= 200:
                 raise InvalidInput(f"{name}: must be 1 to 200 characters", field=name)
         notification, created = await self.store.add_notification(new, self.clock.now())
         if created and notification.deliveries:

@@ -12,6 +12,7 @@ from tidings.api.schemas import (
     EndpointOut,
     EndpointPatch,
     ErrorOut,
+    RotateIn,
     TokenRule,
 )
 from tidings.api.security import require
@@ -98,3 +99,12 @@ async def remove_endpoint(endpoint_id: str, request: Request, _: Admin) -> Respo
     """Remove an endpoint; its unfinished deliveries are cancelled."""
     await _service(request).remove_endpoint(endpoint_id)
     return Response(status_code=204)
+
+
+@router.post("/{endpoint_id}/rotate-secret", response_model=EndpointOut, responses=_ERRORS)
+async def rotate_secret(
+    endpoint_id: str, body: RotateIn, request: Request, _: Admin
+) -> EndpointOut:
+    """Sign with a new secret; the old ones keep signing too until the grace period ends."""
+    endpoint = await _service(request).rotate_secret(endpoint_id, body.secret, body.grace)
+    return EndpointOut.of(endpoint, with_secret=True)

@@ -71,15 +71,15 @@ def encode_payload(body: NotificationIn) -> tuple[bytes, str]:
     try:
         text = json.dumps(body.payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         return text.encode("utf-8"), "application/json"
-    except ValueError as exc:
-        raise InvalidInput(
-            "payload: numbers must be finite (no NaN or Infinity)", field="payload"
-        ) from exc
     except UnicodeEncodeError as exc:
         raise InvalidInput(
             "payload: contains a lone surrogate (an unpaired \\ud800-\\udfff escape), which "
             "is not valid Unicode; send the character itself or a valid surrogate pair",
             field="payload",
+        ) from exc
+    except ValueError as exc:
+        raise InvalidInput(
+            "payload: numbers must be finite (no NaN or Infinity)", field="payload"
         ) from exc
 
 

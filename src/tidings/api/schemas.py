@@ -93,8 +93,16 @@ class EndpointOut(BaseModel):
             enabled=endpoint.enabled,
             description=endpoint.description,
             created_at=iso(endpoint.created_at) or "",
-            secret=endpoint.secrets[-1] if with_secret else None,
+            secret=endpoint.secrets[0] if with_secret else None,
         )
+
+
+class RotateIn(_Strict):
+    """A secret rotation: the new secret (generated when absent) and how long the old
+    ones keep signing."""
+
+    secret: str | None = Field(default=None, min_length=8, max_length=200)
+    grace: Duration = Field(default="24h", examples=["24h"])
 
 
 class EndpointList(BaseModel):

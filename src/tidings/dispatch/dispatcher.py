@@ -206,7 +206,7 @@ class Dispatcher:
                 msg_id=claim.notification_id,
                 body=claim.body,
                 content_type=claim.content_type,
-                secrets=endpoint.secrets,
+                secrets=endpoint.active_secrets(self.clock.now()),
                 timeout_s=endpoint.timeout_s,
                 attempt_number=claim.attempt_number,
             )

@@ -7,6 +7,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from tidings.auth import ApiKey
@@ -30,8 +31,14 @@ from tidings.stores.base import NotificationQuery, Page, Store
 log = logging.getLogger(__name__)
 
 _LIVE = frozenset({DeliveryStatus.PENDING, DeliveryStatus.DELIVERING})
-_REDELIVERABLE = frozenset(
-    {DeliveryStatus.PENDING, DeliveryStatus.EXHAUSTED, DeliveryStatus.CANCELLED}
+_REDELIVERABLE = frozenset(DeliveryStatus) - {DeliveryStatus.DELIVERING, DeliveryStatus.DELIVERED}
+# The first status present among a notification's deliveries decides its summary.
+_SUMMARY = (
+    (DeliveryStatus.PENDING, NotificationStatus.PENDING),
+    (DeliveryStatus.DELIVERING, NotificationStatus.PENDING),
+    (DeliveryStatus.EXHAUSTED, NotificationStatus.EXHAUSTED),
+    (DeliveryStatus.DELIVERED, NotificationStatus.DELIVERED),
+    (DeliveryStatus.CANCELLED, NotificationStatus.CANCELLED),
 )
 _STATUS_AFTER = {
     OutcomeKind.DELIVERED: DeliveryStatus.DELIVERED,
@@ -55,28 +62,39 @@ class _DeliveryRow:
     updated_at: float
     crashes: int = 0
     lease_owner: str | None = None
+    attempts: dict[int, Attempt] = dataclasses.field(default_factory=dict)
 
-    def settle(self, status: DeliveryStatus, next_attempt_at: float | None, now: float) -> None:
-        """Move to `status` and drop the lease."""
+    def move(
+        self, status: DeliveryStatus, next_attempt_at: float | None, now: float, owner: str = ""
+    ) -> None:
+        """Move to `status`, leased to `owner` if one is named."""
         self.status = status
         self.next_attempt_at = next_attempt_at
-        self.lease_owner = None
+        self.lease_owner = owner or None
         self.updated_at = now
+
+    def read(self, *, with_attempts: bool) -> Delivery:
+        """The row as the domain record."""
+        found = self.attempts if with_attempts else {}
+        return Delivery(
+            id=self.id,
+            notification_id=self.notification_id,
+            endpoint_id=self.endpoint_id,
+            status=self.status,
+            attempt_count=self.attempt_count,
+            next_attempt_at=self.next_attempt_at,
+            deadline_at=self.deadline_at,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            attempts=tuple(found[number] for number in sorted(found)),
+        )
 
 
 def summary_status(statuses: Iterable[DeliveryStatus]) -> NotificationStatus:
     """The notification status its deliveries add up to (the rule of the SQL store)."""
     present = set(statuses)
-    if present & _LIVE:
-        return NotificationStatus.PENDING
-    for status, summary in (
-        (DeliveryStatus.EXHAUSTED, NotificationStatus.EXHAUSTED),
-        (DeliveryStatus.DELIVERED, NotificationStatus.DELIVERED),
-        (DeliveryStatus.CANCELLED, NotificationStatus.CANCELLED),
-    ):
-        if status in present:
-            return summary
-    return NotificationStatus.UNROUTED
+    found = (summary for status, summary in _SUMMARY if status in present)
+    return next(found, NotificationStatus.UNROUTED)
 
 
 class MemoryStore(Store):
@@ -93,7 +111,6 @@ class MemoryStore(Store):
         self._notifications: dict[str, Notification] = {}
         self._by_idempotency_key: dict[str, str] = {}
         self._deliveries: dict[str, _DeliveryRow] = {}
-        self._attempts: dict[str, dict[int, Attempt]] = {}
         self._last_seq = 0
         self._keys: dict[str, ApiKey] = {}
 
@@ -129,7 +146,7 @@ class MemoryStore(Store):
         touched = set()
         for row in self._deliveries.values():
             if row.endpoint_id == endpoint_id and row.status in _LIVE:
-                row.settle(DeliveryStatus.CANCELLED, None, now)
+                row.move(DeliveryStatus.CANCELLED, None, now)
                 touched.add(row.notification_id)
         return len(touched)
 
@@ -170,17 +187,12 @@ class MemoryStore(Store):
                     updated_at=now,
                 )
                 self._deliveries[row.id] = row
-                self._attempts[row.id] = {}
         return self._read(notification, with_attempts=False), True
 
     async def get_notification(self, notification_id: str) -> Notification:
-        return self._read(self._notification(notification_id), with_attempts=True)
-
-    def _notification(self, notification_id: str) -> Notification:
-        try:
-            return self._notifications[notification_id]
-        except KeyError:
-            raise NotFound(f"no notification with id {notification_id!r}") from None
+        if notification_id not in self._notifications:
+            raise NotFound(f"no notification with id {notification_id!r}")
+        return self._read(self._notifications[notification_id], with_attempts=True)
 
     def _rows_of(self, notification_id: str) -> list[_DeliveryRow]:
         # Limitation: a scan of every delivery; fine for tests and demos, not for millions.
@@ -192,37 +204,19 @@ class MemoryStore(Store):
         return dataclasses.replace(
             notification,
             status=summary_status(r.status for r in rows),
-            deliveries=tuple(self._delivery(r, with_attempts=with_attempts) for r in rows),
-        )
-
-    def _delivery(self, row: _DeliveryRow, *, with_attempts: bool) -> Delivery:
-        found = self._attempts.get(row.id, {}) if with_attempts else {}
-        return Delivery(
-            id=row.id,
-            notification_id=row.notification_id,
-            endpoint_id=row.endpoint_id,
-            status=row.status,
-            attempt_count=row.attempt_count,
-            next_attempt_at=row.next_attempt_at,
-            deadline_at=row.deadline_at,
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-            attempts=tuple(found[number] for number in sorted(found)),
+            deliveries=tuple(r.read(with_attempts=with_attempts) for r in rows),
         )
 
     async def list_notifications(self, query: NotificationQuery) -> Page:
-        matched: list[Notification] = []
-        for stored in self._notifications.values():
-            if stored.seq <= query.after_seq or not self._matches(stored, query):
-                continue
-            matched.append(self._read(stored, with_attempts=False))
-            if len(matched) > query.limit:
-                break
+        found = (n for n in self._notifications.values() if self._matches(n, query))
+        matched = [self._read(n, with_attempts=False) for n in islice(found, query.limit + 1)]
         page = matched[: query.limit]
         next_seq = page[-1].seq if len(matched) > query.limit else None
         return Page(items=page, next_seq=next_seq)
 
     def _matches(self, stored: Notification, query: NotificationQuery) -> bool:
+        if stored.seq <= query.after_seq:
+            return False
         if query.topic is not None and stored.topic != query.topic:
             return False
         if query.key is not None and stored.key != query.key:
@@ -237,7 +231,8 @@ class MemoryStore(Store):
     async def redeliver(
         self, notification_id: str, now: float, endpoint_ids: frozenset[str] | None = None
     ) -> list[str]:
-        self._notification(notification_id)
+        if notification_id not in self._notifications:
+            raise NotFound(f"no notification with id {notification_id!r}")
         touched = []
         for row in self._rows_of(notification_id):
             # A leased delivery is being attempted right now; a second one would overlap.
@@ -245,7 +240,7 @@ class MemoryStore(Store):
                 continue
             if endpoint_ids is not None and row.endpoint_id not in endpoint_ids:
                 continue
-            row.settle(DeliveryStatus.PENDING, now, now)
+            row.move(DeliveryStatus.PENDING, now, now)
             # A manual redelivery gets one attempt even after the window closed.
             row.deadline_at = max(row.deadline_at, now)
             row.crashes = 0
@@ -278,39 +273,31 @@ class MemoryStore(Store):
         due.sort(key=lambda row: row.next_attempt_at or 0.0)
 
         claims: list[Claim] = []
-        doomed: list[str] = []
         for row in due[: max(limit, 0)]:
             # A delivery still leased when its lease ran out lost its holder mid-attempt.
             reclaimed = row.status is DeliveryStatus.DELIVERING
             row.crashes += 1 if reclaimed else 0
-            row.status = DeliveryStatus.DELIVERING
             row.attempt_count += 1
-            row.next_attempt_at = now + lease_s
-            row.lease_owner = owner
-            row.updated_at = now
+            row.move(DeliveryStatus.DELIVERING, now + lease_s, now, owner)
             if reclaimed:
                 self._record_lost_attempt(row, now)
                 if row.crashes >= max_crashes or now > row.deadline_at:
-                    row.settle(DeliveryStatus.EXHAUSTED, None, now)
-                    doomed.append(row.id)
+                    row.move(DeliveryStatus.EXHAUSTED, None, now)
+                    log.error(
+                        "gave up on %s: its dispatcher died mid-attempt",
+                        row.id,
+                        extra={"action": "exhausted_after_crashes", "delivery_id": row.id},
+                    )
                     continue
             claims.append(self._claim(row))
-
-        if doomed:
-            log.error(
-                "gave up on %d deliveries whose dispatcher died mid-attempt",
-                len(doomed),
-                extra={"action": "exhausted_after_crashes", "delivery_ids": sorted(doomed)},
-            )
         return claims
 
     def _record_lost_attempt(self, row: _DeliveryRow, now: float) -> None:
         # The lost attempt is the one numbered just before this claim's.
         number = row.attempt_count - 1
-        found = self._attempts.setdefault(row.id, {})
-        if number < 1 or number in found:
+        if number < 1 or number in row.attempts:
             return
-        found[number] = Attempt(
+        row.attempts[number] = Attempt(
             delivery_id=row.id,
             number=number,
             started_at=now,
@@ -347,19 +334,14 @@ class MemoryStore(Store):
         for claim in claims:
             row = self._current(claim)
             if row is not None:
-                row.settle(DeliveryStatus.PENDING, now, now)
+                row.move(DeliveryStatus.PENDING, now, now)
                 row.attempt_count -= 1
 
     def _current(self, claim: Claim) -> _DeliveryRow | None:
         """The delivery row if `claim` still holds it (no one reclaimed it since)."""
-        row = self._deliveries.get(claim.delivery_id)
-        if (
-            row is None
-            or row.attempt_count != claim.attempt_number
-            or row.status is not DeliveryStatus.DELIVERING
-        ):
-            return None
-        return row
+        row = self._deliveries[claim.delivery_id]  # deliveries are never deleted
+        same_attempt = row.attempt_count == claim.attempt_number
+        return row if same_attempt and row.status is DeliveryStatus.DELIVERING else None
 
     async def record_outcomes(self, outcomes: Sequence[Outcome], now: float) -> None:
         for outcome in outcomes:
@@ -367,16 +349,15 @@ class MemoryStore(Store):
             if row is None:
                 self._record_late(outcome, now)
                 continue
-            row.settle(_STATUS_AFTER[outcome.kind], outcome.next_attempt_at, now)
-            self._attempts.setdefault(row.id, {})[outcome.attempt.number] = outcome.attempt
+            row.move(_STATUS_AFTER[outcome.kind], outcome.next_attempt_at, now)
+            row.attempts[outcome.attempt.number] = outcome.attempt
 
     def _record_late(self, outcome: Outcome, now: float) -> None:
         """An attempt finished after its lease was taken over: keep what it learned."""
-        attempt = outcome.attempt
-        found = self._attempts.setdefault(attempt.delivery_id, {})
-        earlier = found.get(attempt.number)
+        row, attempt = self._deliveries[outcome.claim.delivery_id], outcome.attempt
+        earlier = row.attempts.get(attempt.number)
         if earlier is None or earlier.error_class is ErrorClass.INTERRUPTED:
-            found[attempt.number] = attempt
+            row.attempts[attempt.number] = attempt
         else:
             log.warning(
                 "attempt %s of %s was already recorded",
@@ -384,15 +365,12 @@ class MemoryStore(Store):
                 attempt.delivery_id,
                 extra={"action": "late_attempt_duplicate", "delivery_id": attempt.delivery_id},
             )
-        row = self._deliveries.get(outcome.claim.delivery_id)
-        if outcome.kind is OutcomeKind.DELIVERED and row is not None and row.status in _LIVE:
-            row.settle(DeliveryStatus.DELIVERED, None, now)
+        if outcome.kind is OutcomeKind.DELIVERED and row.status in _LIVE:
+            row.move(DeliveryStatus.DELIVERED, None, now)
 
     async def next_due_at(self) -> float | None:
-        due = [
-            r.next_attempt_at for r in self._deliveries.values() if r.next_attempt_at is not None
-        ]
-        return min(due) if due else None
+        due = (r.next_attempt_at for r in self._deliveries.values())
+        return min((at for at in due if at is not None), default=None)
 
     # API keys --------------------------------------------------------------------------
 
@@ -415,5 +393,4 @@ class MemoryStore(Store):
             self._keys[key_id] = dataclasses.replace(key, revoked_at=now)
 
     async def stats(self) -> dict[str, Any]:
-        counts = Counter(row.status.value for row in self._deliveries.values())
-        return {"deliveries": dict(counts)}
+        return {"deliveries": dict(Counter(r.status.value for r in self._deliveries.values()))}

@@ -47,13 +47,22 @@ log = logging.getLogger(__name__)
 _LIVE = (DeliveryStatus.PENDING.value, DeliveryStatus.DELIVERING.value)
 
 
+def _secret_of(entry: Any) -> str:
+    return entry if isinstance(entry, str) else str(entry["secret"])
+
+
+def _expiry_of(entry: Any) -> float | None:
+    return None if isinstance(entry, str) else entry.get("expires_at")
+
+
 def _endpoint_from_row(row: Row[Any]) -> Endpoint:
     return Endpoint(
         id=row.id,
         url=row.url,
         kind=EndpointKind(row.kind),
         topics=tuple(row.topics),
-        secrets=tuple(row.secrets),
+        secrets=tuple(_secret_of(entry) for entry in row.secrets),
+        secrets_expire_at=tuple(_expiry_of(entry) for entry in row.secrets),
         schedule=RetrySchedule.parse(list(row.retry_schedule), row.window_s),
         success=SuccessRule.parse(row.success),
         timeout_s=row.timeout_s,
@@ -68,7 +77,14 @@ def _endpoint_values(endpoint: Endpoint) -> dict[str, Any]:
         "url": endpoint.url,
         "kind": endpoint.kind.value,
         "topics": list(endpoint.topics),
-        "secrets": list(endpoint.secrets),
+        "secrets": [
+            {"secret": secret, "expires_at": expires_at}
+            for secret, expires_at in zip(
+                endpoint.secrets,
+                endpoint.secrets_expire_at or (None,) * len(endpoint.secrets),
+                strict=True,
+            )
+        ],
         "retry_schedule": list(endpoint.schedule.intervals_s),
         "window_s": endpoint.schedule.window_s,
         "success": endpoint.success.to_json(),

@@ -1,0 +1,71 @@
+"""The few Tidings API calls the demo's systems make, over asynchronous HTTP.
+
+`tidings.client.Client` is synchronous; in this one-process demo Tidings answers on the
+same event loop, so a blocking call would wait for an answer that can never come.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from tidings.client import ApiError
+from tidings.errors import NotFound, TidingsError
+
+
+class TidingsApi:
+    """An asynchronous caller of one Tidings service."""
+
+    def __init__(self, base_url: str, *, timeout_s: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s)
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def add_endpoint(self, url: str, topics: list[str], **options: Any) -> dict[str, Any]:
+        """Register an endpoint; the answer carries its signing secret."""
+        body = {"url": url, "topics": topics, **options}
+        result: dict[str, Any] = await self._call("POST", "/v1/endpoints", json=body)
+        return result
+
+    async def send(
+        self, topic: str, payload: Any, *, key: str, idempotency_key: str
+    ) -> dict[str, Any]:
+        """Send a JSON notification; the same idempotency key never makes a second one."""
+        body = {"topic": topic, "payload": payload, "key": key, "idempotency_key": idempotency_key}
+        result: dict[str, Any] = await self._call("POST", "/v1/notifications", json=body)
+        return result
+
+    async def list_topic(self, topic: str) -> list[dict[str, Any]]:
+        """Every notification of `topic`, oldest first (without attempts)."""
+        items: list[dict[str, Any]] = []
+        cursor: str | None = None
+        while True:
+            params = {"topic": topic, "limit": "500", **({"cursor": cursor} if cursor else {})}
+            page = await self._call("GET", "/v1/notifications", params=params)
+            items.extend(page["items"])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return items
+
+    async def get(self, notification_id: str) -> dict[str, Any]:
+        """One notification with its deliveries and every attempt."""
+        result: dict[str, Any] = await self._call("GET", f"/v1/notifications/{notification_id}")
+        return result
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise TidingsError(f"cannot reach Tidings at {self.base_url}: {exc!r}") from exc
+        data = response.json()
+        if response.status_code == 404:
+            raise NotFound(data.get("message", "not found"))
+        if response.status_code >= 400:
+            raise ApiError(
+                response.status_code, data.get("error", "error"), data.get("message", "")
+            )
+        return data

@@ -64,6 +64,7 @@ class ErrorClass(StrEnum):
     DNS = "dns"
     TLS = "tls"
     BLOCKED = "blocked"
+    INVALID_RESPONSE = "invalid_response"  # not HTTP, or a head over the size limits
     INTERRUPTED = "interrupted"  # the dispatcher died while the attempt was in flight
     HANDLER_ERROR = "handler_error"  # a queue subscriber's handler raised
     ERROR = "error"
@@ -86,6 +87,8 @@ class Endpoint:
     description: str = ""
     # Parallel to `secrets` (newest first): when each stops signing; empty means never.
     secrets_expire_at: tuple[float | None, ...] = ()
+    rate_limit_per_s: float | None = None  # across every dispatcher
+    max_in_flight: int | None = None  # across every dispatcher
 
     def active_secrets(self, now: float) -> tuple[str, ...]:
         """The secrets that sign attempts made at `now`."""

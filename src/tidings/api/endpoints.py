@@ -54,6 +54,8 @@ async def add_endpoint(body: EndpointIn, request: Request, _: Admin) -> Endpoint
         success=_rule(body.success),
         timeout=body.timeout,
         description=body.description,
+        rate_limit_per_s=body.rate_limit,
+        max_in_flight=body.max_in_flight,
     )
     endpoint = await _service(request).add_endpoint(spec)
     return EndpointOut.of(endpoint, with_secret=True)
@@ -90,6 +92,8 @@ async def change_endpoint(
         timeout=body.timeout,
         description=body.description,
         enabled=body.enabled,
+        rate_limit_per_s=body.rate_limit,
+        max_in_flight=body.max_in_flight,
     )
     return EndpointOut.of(await _service(request).change_endpoint(endpoint_id, spec))
 

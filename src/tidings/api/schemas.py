@@ -47,6 +47,8 @@ class EndpointIn(_Strict):
     success: SuccessIn | None = None
     timeout: Duration | None = Field(default=None, examples=["10s"])
     description: str | None = Field(default=None, max_length=500)
+    rate_limit: float | None = Field(default=None, gt=0, le=100_000, description="deliveries/s")
+    max_in_flight: int | None = Field(default=None, ge=1, le=10_000)
 
 
 class EndpointPatch(_Strict):
@@ -60,6 +62,8 @@ class EndpointPatch(_Strict):
     timeout: Duration | None = None
     description: str | None = Field(default=None, max_length=500)
     enabled: bool | None = None
+    rate_limit: float | None = Field(default=None, gt=0, le=100_000)
+    max_in_flight: int | None = Field(default=None, ge=1, le=10_000)
 
 
 class EndpointOut(BaseModel):
@@ -76,6 +80,8 @@ class EndpointOut(BaseModel):
     enabled: bool
     description: str
     created_at: str
+    rate_limit: float | None = None
+    max_in_flight: int | None = None
     secret: str | None = None
 
     @classmethod
@@ -93,6 +99,8 @@ class EndpointOut(BaseModel):
             enabled=endpoint.enabled,
             description=endpoint.description,
             created_at=iso(endpoint.created_at) or "",
+            rate_limit=endpoint.rate_limit_per_s,
+            max_in_flight=endpoint.max_in_flight,
             secret=endpoint.secrets[0] if with_secret else None,
         )
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tidings.auth import ApiKey
+from tidings.health import Health, HealthPolicy
 from tidings.models import (
     Claim,
     Endpoint,
@@ -126,8 +127,15 @@ class Store(abc.ABC):
         """Hand claimed deliveries back untried (shutdown), due at once."""
 
     @abc.abstractmethod
-    async def record_outcomes(self, outcomes: Sequence[Outcome], now: float) -> None:
-        """Record finished attempts and move each delivery on, in one transaction."""
+    async def record_outcomes(
+        self, outcomes: Sequence[Outcome], now: float, policy: HealthPolicy | None = None
+    ) -> list[str]:
+        """Record finished attempts, move each delivery on and feed the endpoints' circuit
+        breakers, in one transaction. Returns the endpoints disabled for failing too long."""
+
+    @abc.abstractmethod
+    async def endpoint_health(self, endpoint_id: str) -> Health:
+        """The breaker and limiter state of one endpoint."""
 
     @abc.abstractmethod
     async def next_due_at(self) -> float | None:

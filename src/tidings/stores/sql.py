@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tidings.auth import ApiKey, Scope
 from tidings.errors import NotFound
+from tidings.health import Health, HealthPolicy, admissible, is_gated, spend
 from tidings.models import (
     Attempt,
     Claim,
@@ -36,6 +37,7 @@ from tidings.stores.tables import (
     api_keys,
     attempts,
     deliveries,
+    endpoint_health,
     endpoint_topics,
     endpoints,
     notifications,
@@ -45,6 +47,16 @@ from tidings.success import SuccessRule
 log = logging.getLogger(__name__)
 
 _LIVE = (DeliveryStatus.PENDING.value, DeliveryStatus.DELIVERING.value)
+
+
+def _health_from_row(row: Any) -> Health:
+    return Health(
+        consecutive_failures=row.consecutive_failures,
+        failing_since=row.failing_since,
+        circuit_open_until=row.circuit_open_until,
+        circuit_opens=row.circuit_opens,
+        next_slot_at=row.next_slot_at,
+    )
 
 
 def _secret_of(entry: Any) -> str:
@@ -69,6 +81,8 @@ def _endpoint_from_row(row: Row[Any]) -> Endpoint:
         enabled=row.enabled,
         description=row.description,
         created_at=row.created_at,
+        rate_limit_per_s=row.rate_limit_per_s,
+        max_in_flight=row.max_in_flight,
     )
 
 
@@ -91,6 +105,8 @@ def _endpoint_values(endpoint: Endpoint) -> dict[str, Any]:
         "timeout_s": endpoint.timeout_s,
         "enabled": endpoint.enabled,
         "description": endpoint.description,
+        "rate_limit_per_s": endpoint.rate_limit_per_s,
+        "max_in_flight": endpoint.max_in_flight,
     }
 
 
@@ -239,6 +255,24 @@ class SqlStore(Store):
                 )
             )
             await self._write_topics(conn, endpoint)
+            await self._sync_gate(conn, endpoint)
+
+    async def _sync_gate(self, conn: AsyncConnection, endpoint: Endpoint) -> None:
+        """Keep the health row's `gated` flag true to the endpoint's limits and state."""
+        h = endpoint_health.c
+        row = (
+            await conn.execute(endpoint_health.select().where(h.endpoint_id == endpoint.id))
+        ).first()
+        health = Health() if row is None else _health_from_row(row)
+        gated = is_gated(
+            health,
+            enabled=endpoint.enabled,
+            rate_limit_per_s=endpoint.rate_limit_per_s,
+            max_in_flight=endpoint.max_in_flight,
+        )
+        if row is None and not gated:
+            return
+        await self._save_health(conn, endpoint.id, health, gated=gated, exists=row is not None)
 
     async def _write_topics(self, conn: AsyncConnection, endpoint: Endpoint) -> None:
         await conn.execute(
@@ -272,11 +306,15 @@ class SqlStore(Store):
             if result.rowcount == 0:
                 raise NotFound(f"no endpoint with id {endpoint.id!r}")
             await self._write_topics(conn, endpoint)
+            await self._sync_gate(conn, endpoint)
 
     async def remove_endpoint(self, endpoint_id: str, now: float) -> int:
         async with self.engine.begin() as conn:
             await conn.execute(
                 endpoint_topics.delete().where(endpoint_topics.c.endpoint_id == endpoint_id)
+            )
+            await conn.execute(
+                endpoint_health.delete().where(endpoint_health.c.endpoint_id == endpoint_id)
             )
             result = await conn.execute(endpoints.delete().where(endpoints.c.id == endpoint_id))
             if result.rowcount == 0:
@@ -522,6 +560,8 @@ class SqlStore(Store):
         max_crashes: int = 3,
     ) -> list[Claim]:
         d = deliveries.c
+        gated = await self._gated(now)
+        excluded = [*exclude_endpoints, *gated]
         due = (
             sa.select(d.id)
             .where(d.next_attempt_at <= now)
@@ -529,10 +569,128 @@ class SqlStore(Store):
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        if exclude_endpoints:
-            due = due.where(d.endpoint_id.not_in(list(exclude_endpoints)))
+        if excluded:
+            due = due.where(d.endpoint_id.not_in(excluded))
         if delivery_ids is not None:
             due = due.where(d.id.in_(list(delivery_ids)))
+        async with self.engine.begin() as conn:
+            claims = await self._lease(conn, due, now, lease_s, owner, max_crashes)
+        for endpoint_id, has_due in gated.items():
+            room = limit - len(claims)
+            if room <= 0:
+                break
+            if has_due and endpoint_id not in exclude_endpoints:
+                claims += await self._claim_gated(
+                    endpoint_id, now, room, lease_s, owner, max_crashes
+                )
+        return claims
+
+    async def _gated(self, now: float) -> dict[str, bool]:
+        """Every endpoint whose claims go through the gate, and whether it has work due.
+
+        All of them are kept out of the plain claim, not only those with work due now:
+        a delivery may fall due between this read and that claim.
+        """
+        h, d = endpoint_health.c, deliveries.c
+        has_due = sa.exists().where(d.endpoint_id == h.endpoint_id, d.next_attempt_at <= now)
+        query = sa.select(h.endpoint_id, has_due.label("has_due")).where(h.gated.is_(True))
+        async with self.reader.connect() as conn:
+            return {row.endpoint_id: bool(row.has_due) for row in await conn.execute(query)}
+
+    async def _claim_gated(
+        self,
+        endpoint_id: str,
+        now: float,
+        limit: int,
+        lease_s: float,
+        owner: str,
+        max_crashes: int,
+    ) -> list[Claim]:
+        """Claim for one gated endpoint under its circuit breaker and limits."""
+        d, h, e = deliveries.c, endpoint_health.c, endpoints.c
+        async with self.engine.begin() as conn:
+            # The row lock makes dispatchers take turns at this endpoint's gate.
+            row = (
+                await conn.execute(
+                    sa.select(endpoint_health, e.rate_limit_per_s, e.max_in_flight, e.enabled)
+                    .join(endpoints, e.id == h.endpoint_id)
+                    .where(h.endpoint_id == endpoint_id)
+                    .with_for_update(of=endpoint_health)
+                )
+            ).first()
+            if row is None:
+                return []
+            await self._expire_held(conn, endpoint_id, now)
+            if not row.enabled:
+                return []
+            health = _health_from_row(row)
+            in_flight = (
+                await conn.execute(
+                    sa.select(sa.func.count()).where(
+                        d.endpoint_id == endpoint_id,
+                        d.status == DeliveryStatus.DELIVERING.value,
+                        d.next_attempt_at > now,
+                    )
+                )
+            ).scalar_one()
+            room = min(
+                limit,
+                admissible(
+                    health,
+                    now=now,
+                    in_flight=in_flight,
+                    rate_limit_per_s=row.rate_limit_per_s,
+                    max_in_flight=row.max_in_flight,
+                ),
+            )
+            if room <= 0:
+                return []
+            due = (
+                sa.select(d.id)
+                .where(d.endpoint_id == endpoint_id, d.next_attempt_at <= now)
+                .order_by(d.next_attempt_at)
+                .limit(room)
+                .with_for_update(skip_locked=True)
+            )
+            claims = await self._lease(conn, due, now, lease_s, owner, max_crashes)
+            spent = spend(
+                health, now=now, started=len(claims), rate_limit_per_s=row.rate_limit_per_s
+            )
+            if spent.next_slot_at != health.next_slot_at:
+                await conn.execute(
+                    endpoint_health.update()
+                    .where(h.endpoint_id == endpoint_id)
+                    .values(next_slot_at=spent.next_slot_at)
+                )
+            return claims
+
+    async def _expire_held(self, conn: AsyncConnection, endpoint_id: str, now: float) -> None:
+        """Deliveries held back at the gate past their window are exhausted, unattempted."""
+        d = deliveries.c
+        expired = await conn.execute(
+            deliveries.update()
+            .where(
+                d.endpoint_id == endpoint_id,
+                d.status == DeliveryStatus.PENDING.value,
+                d.next_attempt_at <= now,
+                d.deadline_at < now,
+            )
+            .values(status=DeliveryStatus.EXHAUSTED.value, next_attempt_at=None, updated_at=now)
+            .returning(d.notification_id)
+        )
+        await self._refresh_status(conn, {row.notification_id for row in expired})
+
+    async def _lease(
+        self,
+        conn: AsyncConnection,
+        due: sa.Select[Any],
+        now: float,
+        lease_s: float,
+        owner: str,
+        max_crashes: int,
+    ) -> list[Claim]:
+        """Lease the deliveries `due` selects; record lost attempts; refuse late ones."""
+        d = deliveries.c
         claim = (
             deliveries.update()
             .where(d.id.in_(due.scalar_subquery()), d.next_attempt_at <= now)
@@ -558,35 +716,41 @@ class SqlStore(Store):
                 d.crashes,
             )
         )
-        async with self.engine.begin() as conn:
-            leased = (await conn.execute(claim)).all()
-            if not leased:
-                return []
-            lost = [row for row in leased if row.reclaimed]
-            if lost:
-                await self._record_lost_attempts(conn, lost, now)
-            doomed = {row.id for row in lost if row.crashes >= max_crashes or now > row.deadline_at}
-            if doomed:
-                await conn.execute(
-                    deliveries.update()
-                    .where(d.id.in_(sorted(doomed)))
-                    .values(
-                        status=DeliveryStatus.EXHAUSTED.value,
-                        next_attempt_at=None,
-                        lease_owner=None,
-                        updated_at=now,
-                    )
+        leased = (await conn.execute(claim)).all()
+        if not leased:
+            return []
+        lost = [row for row in leased if row.reclaimed]
+        if lost:
+            await self._record_lost_attempts(conn, lost, now)
+        # No attempt after the window: a delivery found due too late (the dispatchers were
+        # down, say) is exhausted without one.
+        doomed = {
+            row.id
+            for row in leased
+            if now > row.deadline_at or (row.reclaimed and row.crashes >= max_crashes)
+        }
+        if doomed:
+            await conn.execute(
+                deliveries.update()
+                .where(d.id.in_(sorted(doomed)))
+                .values(
+                    status=DeliveryStatus.EXHAUSTED.value,
+                    attempt_count=d.attempt_count - 1,
+                    next_attempt_at=None,
+                    lease_owner=None,
+                    updated_at=now,
                 )
-                await self._refresh_status(
-                    conn, {row.notification_id for row in lost if row.id in doomed}
-                )
-                log.error(
-                    "gave up on %d deliveries whose dispatcher died mid-attempt",
-                    len(doomed),
-                    extra={"action": "exhausted_after_crashes", "delivery_ids": sorted(doomed)},
-                )
-            live = [row for row in leased if row.id not in doomed]
-            bodies = await self._bodies(conn, {row.notification_id for row in live})
+            )
+            await self._refresh_status(
+                conn, {row.notification_id for row in leased if row.id in doomed}
+            )
+            log.error(
+                "gave up on %d deliveries: window closed or dispatcher died mid-attempt",
+                len(doomed),
+                extra={"action": "exhausted_unattempted", "delivery_ids": sorted(doomed)},
+            )
+        live = [row for row in leased if row.id not in doomed]
+        bodies = await self._bodies(conn, {row.notification_id for row in live})
         return [
             Claim(
                 delivery_id=row.id,
@@ -678,9 +842,11 @@ class SqlStore(Store):
                     )
                 )
 
-    async def record_outcomes(self, outcomes: Sequence[Outcome], now: float) -> None:
+    async def record_outcomes(
+        self, outcomes: Sequence[Outcome], now: float, policy: HealthPolicy | None = None
+    ) -> list[str]:
         if not outcomes:
-            return
+            return []
         d = deliveries.c
         touched: set[str] = set()
         async with self.engine.begin() as conn:
@@ -712,6 +878,113 @@ class SqlStore(Store):
                     await self._record_late(conn, outcome, now)
                 touched.add(claim.notification_id)
             await self._refresh_status(conn, touched)
+            return await self._update_health(conn, outcomes, now, policy or HealthPolicy())
+
+    async def _update_health(
+        self, conn: AsyncConnection, outcomes: Sequence[Outcome], now: float, policy: HealthPolicy
+    ) -> list[str]:
+        """Feed the circuit breakers; returns endpoints disabled for failing too long."""
+        h, e = endpoint_health.c, endpoints.c
+        involved = sorted({o.claim.endpoint_id for o in outcomes})
+        rows = await conn.execute(
+            sa.select(endpoint_health, e.rate_limit_per_s, e.max_in_flight, e.enabled)
+            .join(endpoints, e.id == h.endpoint_id)
+            .where(h.endpoint_id.in_(involved))
+        )
+        known = {row.endpoint_id: row for row in rows}
+        failing = {o.claim.endpoint_id for o in outcomes if not o.attempt.succeeded}
+        disabled: list[str] = []
+        for endpoint_id in involved:
+            row = known.get(endpoint_id)
+            if row is None and endpoint_id not in failing:
+                continue  # healthy and never failed: nothing to write on the hot path
+            health = _health_from_row(row) if row is not None else Health()
+            for outcome in outcomes:
+                if outcome.claim.endpoint_id != endpoint_id:
+                    continue
+                if outcome.attempt.succeeded:
+                    health = health.after_success()
+                else:
+                    health = health.after_failure(
+                        at=outcome.attempt.started_at,
+                        now=now,
+                        policy=policy,
+                        retry_after_s=outcome.attempt.retry_after_s,
+                    )
+            enabled = True if row is None else bool(row.enabled)
+            if enabled and health.should_disable(now, policy):
+                enabled = False
+                disabled.append(endpoint_id)
+                await conn.execute(
+                    endpoints.update()
+                    .where(e.id == endpoint_id)
+                    .values(enabled=False, updated_at=now)
+                )
+            limits = await self._limits(conn, endpoint_id) if row is None else row
+            if limits is None:
+                continue  # removed meanwhile
+            await self._save_health(
+                conn,
+                endpoint_id,
+                health,
+                gated=is_gated(
+                    health,
+                    enabled=enabled,
+                    rate_limit_per_s=limits.rate_limit_per_s,
+                    max_in_flight=limits.max_in_flight,
+                ),
+                exists=row is not None,
+            )
+        return disabled
+
+    async def _limits(self, conn: AsyncConnection, endpoint_id: str) -> Any:
+        e = endpoints.c
+        return (
+            await conn.execute(
+                sa.select(e.rate_limit_per_s, e.max_in_flight).where(e.id == endpoint_id)
+            )
+        ).first()
+
+    async def _save_health(
+        self, conn: AsyncConnection, endpoint_id: str, health: Health, *, gated: bool, exists: bool
+    ) -> None:
+        values = {
+            "gated": gated,
+            "consecutive_failures": health.consecutive_failures,
+            "failing_since": health.failing_since,
+            "circuit_open_until": health.circuit_open_until,
+            "circuit_opens": health.circuit_opens,
+            "next_slot_at": health.next_slot_at,
+        }
+        if exists:
+            await conn.execute(
+                endpoint_health.update()
+                .where(endpoint_health.c.endpoint_id == endpoint_id)
+                .values(**values)
+            )
+            return
+        try:
+            async with conn.begin_nested():
+                await conn.execute(
+                    endpoint_health.insert().values(endpoint_id=endpoint_id, **values)
+                )
+        except IntegrityError:
+            # Another dispatcher made the row first; ours is the later news.
+            await conn.execute(
+                endpoint_health.update()
+                .where(endpoint_health.c.endpoint_id == endpoint_id)
+                .values(**values)
+            )
+
+    async def endpoint_health(self, endpoint_id: str) -> Health:
+        """The breaker and limiter state of one endpoint (a fresh Health when none)."""
+        async with self.reader.connect() as conn:
+            row = (
+                await conn.execute(
+                    endpoint_health.select().where(endpoint_health.c.endpoint_id == endpoint_id)
+                )
+            ).first()
+        return Health() if row is None else _health_from_row(row)
 
     async def _record_late(self, conn: AsyncConnection, outcome: Outcome, now: float) -> None:
         """An attempt finished after its lease was taken over: keep what it learned."""

@@ -29,6 +29,23 @@ endpoints = sa.Table(
     sa.Column("description", sa.Text, nullable=False, server_default=""),
     sa.Column("created_at", _epoch, nullable=False),
     sa.Column("updated_at", _epoch, nullable=False),
+    sa.Column("rate_limit_per_s", _epoch),
+    sa.Column("max_in_flight", sa.Integer),
+)
+
+# How an endpoint is faring: the circuit breaker, the rate limiter's next free slot, and
+# whether claims for it must go through the gate (limits set, circuit open, disabled).
+endpoint_health = sa.Table(
+    "endpoint_health",
+    metadata,
+    sa.Column("endpoint_id", sa.String(40), primary_key=True),
+    sa.Column("gated", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("consecutive_failures", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("failing_since", _epoch),
+    sa.Column("circuit_open_until", _epoch),
+    sa.Column("circuit_opens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_slot_at", _epoch, nullable=False, server_default="0"),
+    sa.Index("ix_endpoint_health_gated", "gated"),
 )
 
 # One row per (endpoint, topic) so fan-out is an index lookup, not a scan of endpoints.
@@ -77,6 +94,7 @@ deliveries = sa.Table(
     sa.Index("ix_deliveries_next_attempt_at", "next_attempt_at"),
     sa.Index("ix_deliveries_notification_id", "notification_id"),
     sa.Index("ix_deliveries_endpoint_status", "endpoint_id", "status"),
+    sa.Index("ix_deliveries_endpoint_next_attempt_at", "endpoint_id", "next_attempt_at"),
     sa.Index("ix_deliveries_lease_owner", "lease_owner"),
 )
 

@@ -1,0 +1,81 @@
+"""Operational notifications: Tidings tells its own subscribers what went wrong.
+
+Topics: `tidings.delivery.exhausted` (one per delivery given up) and
+`tidings.endpoint.disabled` (an endpoint failed for longer than the policy allows).
+Endpoints subscribe to them like to any topic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+
+from tidings.brokers.base import Broker
+from tidings.models import NewNotification, Outcome, OutcomeKind
+from tidings.stores.base import Store
+
+log = logging.getLogger(__name__)
+
+DELIVERY_EXHAUSTED = "tidings.delivery.exhausted"
+ENDPOINT_DISABLED = "tidings.endpoint.disabled"
+_OWN_PREFIX = "tidings."
+
+
+def _body(payload: dict[str, object]) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode("utf-8")
+
+
+async def announce(
+    store: Store,
+    broker: Broker,
+    outcomes: Sequence[Outcome],
+    disabled_endpoint_ids: Sequence[str],
+    now: float,
+) -> None:
+    """Send the operational notifications a batch of outcomes calls for."""
+    news: list[NewNotification] = []
+    for outcome in outcomes:
+        # Never about Tidings' own notifications: a failing subscriber would feed itself.
+        if outcome.kind is OutcomeKind.EXHAUSTED and not outcome.claim.topic.startswith(
+            _OWN_PREFIX
+        ):
+            claim = outcome.claim
+            payload = {
+                "notification_id": claim.notification_id,
+                "delivery_id": claim.delivery_id,
+                "endpoint_id": claim.endpoint_id,
+                "topic": claim.topic,
+                "attempts": claim.attempt_number,
+                "last_status_code": outcome.attempt.status_code,
+                "last_error": outcome.attempt.error_class.value
+                if outcome.attempt.error_class
+                else None,
+            }
+            news.append(
+                NewNotification(
+                    topic=DELIVERY_EXHAUSTED,
+                    body=_body(payload),
+                    key=claim.notification_id,
+                    idempotency_key=f"{DELIVERY_EXHAUSTED}:{claim.delivery_id}:{claim.attempt_number}",
+                )
+            )
+    for endpoint_id in disabled_endpoint_ids:
+        news.append(
+            NewNotification(
+                topic=ENDPOINT_DISABLED,
+                body=_body({"endpoint_id": endpoint_id, "disabled_at": now}),
+                key=endpoint_id,
+                idempotency_key=f"{ENDPOINT_DISABLED}:{endpoint_id}:{int(now)}",
+            )
+        )
+    for new in news:
+        notification, created = await store.add_notification(new, now)
+        if created and notification.deliveries:
+            await broker.publish_due([d.id for d in notification.deliveries])
+        log.info(
+            "sent %s about %s",
+            new.topic,
+            new.key,
+            extra={"action": "operational_notification", "notification_id": notification.id},
+        )

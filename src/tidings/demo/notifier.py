@@ -81,7 +81,7 @@ class RechargeSystem:
         outbox_every_s: float = 0.5,
     ) -> None:
         # Tiny local writes: blocking the loop for them is fine in a demo.
-        self._db = sqlite3.connect(db_path, isolation_level=None)
+        self._db = sqlite3.connect(db_path)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
         self._tidings = tidings
@@ -196,11 +196,11 @@ class RechargeSystem:
                         "UPDATE recharges SET notified_at = ?, notification_id = ? WHERE id = ?",
                         (time.time(), sent["id"], recharge.id),
                     )
+                result = "paid" if recharge.status == PAID else "payment FAILED"
                 self._say(
                     "recharge",
-                    f"{recharge.id}: {recharge.account} +{format_cents(recharge.amount_cents)} "
-                    f"{recharge.status.upper()}; result recorded, notification {sent['id']} "
-                    "handed to Tidings",
+                    f"{recharge.id}: {recharge.account} {format_cents(recharge.amount_cents)} "
+                    f"{result}; recorded, and sent to Tidings as {sent['id']}",
                 )
 
     # reading ---------------------------------------------------------------------------
@@ -219,6 +219,13 @@ class RechargeSystem:
             "SELECT id, account, amount_cents, status, notification_id FROM recharges ORDER BY seq"
         ).fetchall()
         return [Recharge(*row) for row in rows]
+
+    def name_of(self, notification_id: str) -> str:
+        """The recharge a notification carries, for the commentary."""
+        row = self._db.execute(
+            "SELECT id FROM recharges WHERE notification_id = ?", (notification_id,)
+        ).fetchone()
+        return notification_id if row is None else str(row[0])
 
     def all_announced(self) -> bool:
         """Whether every recharge is settled and handed to Tidings."""

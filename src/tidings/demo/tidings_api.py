@@ -17,9 +17,13 @@ from tidings.errors import NotFound, TidingsError
 class TidingsApi:
     """An asynchronous caller of one Tidings service."""
 
-    def __init__(self, base_url: str, *, timeout_s: float = 10.0) -> None:
+    def __init__(self, base_url: str, api_key: str, *, timeout_s: float = 10.0) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=timeout_s,
+        )
 
     async def close(self) -> None:
         """Close the connection pool."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -45,6 +46,8 @@ from tidings.stores.tables import (
 from tidings.success import SuccessRule
 
 log = logging.getLogger(__name__)
+
+_INBOX_BATCH = 500
 
 _LIVE = (DeliveryStatus.PENDING.value, DeliveryStatus.DELIVERING.value)
 
@@ -202,6 +205,30 @@ def _summary_status() -> sa.ColumnElement[str]:
     )
 
 
+_STATUS_AFTER = {
+    OutcomeKind.DELIVERED: DeliveryStatus.DELIVERED.value,
+    OutcomeKind.RETRY: DeliveryStatus.PENDING.value,
+    OutcomeKind.EXHAUSTED: DeliveryStatus.EXHAUSTED.value,
+}
+
+# Moves a delivery on after an attempt, only while the lease is still the one that made it.
+_MOVE_ON = (
+    deliveries.update()
+    .where(
+        deliveries.c.id == sa.bindparam("b_id"),
+        deliveries.c.attempt_count == sa.bindparam("b_number"),
+        deliveries.c.status == DeliveryStatus.DELIVERING.value,
+    )
+    .values(
+        status=sa.bindparam("b_status"),
+        next_attempt_at=sa.bindparam("b_next"),
+        lease_owner=None,
+        reclaimed=False,
+        updated_at=sa.bindparam("b_now"),
+    )
+)
+
+
 class SqlStore(Store):
     """The store on any SQLAlchemy async URL; one code path for SQLite and PostgreSQL."""
 
@@ -211,6 +238,10 @@ class SqlStore(Store):
         self._echo = echo
         self._engine: AsyncEngine | None = None
         self._reader: AsyncEngine | None = None
+        self._inbox: list[
+            tuple[NewNotification, float, asyncio.Future[tuple[Notification, bool]]]
+        ] = []
+        self._inbox_task: asyncio.Task[None] | None = None
 
     @property
     def is_sqlite(self) -> bool:
@@ -236,6 +267,8 @@ class SqlStore(Store):
             await upgrade_async(self._engine)
 
     async def close(self) -> None:
+        if self._inbox_task is not None:
+            await asyncio.gather(self._inbox_task, return_exceptions=True)
         for engine in (self._engine, self._reader):
             if engine is not None:
                 await engine.dispose()
@@ -337,6 +370,169 @@ class SqlStore(Store):
     # notifications ---------------------------------------------------------------------
 
     async def add_notification(self, new: NewNotification, now: float) -> tuple[Notification, bool]:
+        # Group commit: concurrent callers share one transaction, which on SQLite (one
+        # writer) and on PostgreSQL (one round trip per statement) is most of the cost.
+        done: asyncio.Future[tuple[Notification, bool]] = asyncio.get_running_loop().create_future()
+        self._inbox.append((new, now, done))
+        if self._inbox_task is None or self._inbox_task.done():
+            self._inbox_task = asyncio.create_task(
+                self._drain_inbox(), name="tidings-notification-writer"
+            )
+        return await asyncio.shield(done)
+
+    async def _drain_inbox(self) -> None:
+        while self._inbox:
+            batch = self._inbox[:_INBOX_BATCH]
+            del self._inbox[:_INBOX_BATCH]
+            try:
+                results = await self._insert_batch([(new, now) for new, now, _ in batch])
+            except Exception:
+                # One bad notification must not fail the others: retry them one by one.
+                log.debug("batch insert failed; inserting one by one", exc_info=True)
+                for new, now, done in batch:
+                    try:
+                        result = await self._add_one(new, now)
+                    except Exception as exc:
+                        done.set_exception(exc)
+                    else:
+                        done.set_result(result)
+                continue
+            for (_, _, done), result in zip(batch, results, strict=True):
+                done.set_result(result)
+
+    async def _insert_batch(
+        self, items: Sequence[tuple[NewNotification, float]]
+    ) -> list[tuple[Notification, bool]]:
+        """Insert many notifications and their deliveries in one transaction."""
+        n, t = notifications.c, endpoint_topics.c
+        keys = sorted({new.idempotency_key for new, _ in items if new.idempotency_key})
+        topics = sorted({new.topic for new, _ in items} | {"*"})
+        async with self.engine.begin() as conn:
+            known: dict[str, str] = {}
+            if keys:
+                found = await conn.execute(
+                    sa.select(n.idempotency_key, n.id).where(n.idempotency_key.in_(keys))
+                )
+                known = {row.idempotency_key: row.id for row in found}
+            routes: dict[str, dict[str, float]] = {}
+            for row in await conn.execute(
+                sa.select(t.topic, endpoints.c.id, endpoints.c.window_s)
+                .join(endpoints, endpoints.c.id == t.endpoint_id)
+                .where(t.topic.in_(topics), endpoints.c.enabled.is_(True))
+            ):
+                routes.setdefault(row.topic, {})[row.id] = row.window_s
+            plan: list[str | int] = []  # an earlier id, or an index into `fresh`
+            fresh: list[tuple[NewNotification, float, dict[str, float]]] = []
+            claimed_keys: dict[str, int] = {}
+            for new, now in items:
+                key = new.idempotency_key
+                if key is not None and key in known:
+                    plan.append(known[key])
+                elif key is not None and key in claimed_keys:
+                    plan.append(claimed_keys[key])
+                else:
+                    targets = {**routes.get("*", {}), **routes.get(new.topic, {})}
+                    if key is not None:
+                        claimed_keys[key] = len(fresh)
+                    plan.append(len(fresh))
+                    fresh.append((new, now, targets))
+            made = await self._insert_fresh(conn, fresh)
+        results: list[tuple[Notification, bool]] = []
+        first_use: set[int] = set()
+        for step in plan:
+            if isinstance(step, str):
+                results.append((await self.get_notification(step), False))
+            elif step in first_use:
+                results.append((await self.get_notification(made[step].id), False))
+            else:
+                first_use.add(step)
+                results.append((made[step], True))
+        return results
+
+    async def _insert_fresh(
+        self,
+        conn: AsyncConnection,
+        fresh: Sequence[tuple[NewNotification, float, dict[str, float]]],
+    ) -> list[Notification]:
+        if not fresh:
+            return []
+        ids = [new_id("msg_") for _ in fresh]
+        statuses = [
+            NotificationStatus.PENDING if targets else NotificationStatus.UNROUTED
+            for _, _, targets in fresh
+        ]
+        rows = [
+            {
+                "id": notification_id,
+                "topic": new.topic,
+                "key": new.key,
+                "idempotency_key": new.idempotency_key,
+                "content_type": new.content_type,
+                "body": new.body,
+                "status": status.value,
+                "created_at": now,
+            }
+            for notification_id, (new, now, _), status in zip(ids, fresh, statuses, strict=True)
+        ]
+        returned = await conn.execute(
+            notifications.insert().returning(
+                notifications.c.id, notifications.c.seq, sort_by_parameter_order=True
+            ),
+            rows,
+        )
+        seqs = {row.id: row.seq for row in returned}
+        made: list[Notification] = []
+        delivery_rows: list[dict[str, Any]] = []
+        for notification_id, (new, now, targets), status in zip(ids, fresh, statuses, strict=True):
+            found = tuple(
+                Delivery(
+                    id=new_id("dlv_"),
+                    notification_id=notification_id,
+                    endpoint_id=endpoint_id,
+                    status=DeliveryStatus.PENDING,
+                    attempt_count=0,
+                    next_attempt_at=now,
+                    deadline_at=now + window_s,
+                    created_at=now,
+                    updated_at=now,
+                )
+                for endpoint_id, window_s in targets.items()
+            )
+            delivery_rows.extend(
+                {
+                    "id": d.id,
+                    "notification_id": d.notification_id,
+                    "endpoint_id": d.endpoint_id,
+                    "status": d.status.value,
+                    "attempt_count": 0,
+                    "next_attempt_at": d.next_attempt_at,
+                    "deadline_at": d.deadline_at,
+                    "reclaimed": False,
+                    "crashes": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for d in found
+            )
+            made.append(
+                Notification(
+                    id=notification_id,
+                    seq=seqs[notification_id],
+                    topic=new.topic,
+                    key=new.key,
+                    idempotency_key=new.idempotency_key,
+                    content_type=new.content_type,
+                    body=new.body,
+                    status=status,
+                    created_at=now,
+                    deliveries=found,
+                )
+            )
+        if delivery_rows:
+            await conn.execute(deliveries.insert(), delivery_rows)
+        return made
+
+    async def _add_one(self, new: NewNotification, now: float) -> tuple[Notification, bool]:
         if new.idempotency_key is not None:
             earlier = await self._by_idempotency_key(new.idempotency_key)
             if earlier is not None:
@@ -847,38 +1043,59 @@ class SqlStore(Store):
     ) -> list[str]:
         if not outcomes:
             return []
-        d = deliveries.c
-        touched: set[str] = set()
         async with self.engine.begin() as conn:
-            for outcome in outcomes:
-                claim = outcome.claim
-                status = {
-                    OutcomeKind.DELIVERED: DeliveryStatus.DELIVERED,
-                    OutcomeKind.RETRY: DeliveryStatus.PENDING,
-                    OutcomeKind.EXHAUSTED: DeliveryStatus.EXHAUSTED,
-                }[outcome.kind]
-                result = await conn.execute(
-                    deliveries.update()
-                    .where(
-                        d.id == claim.delivery_id,
-                        d.attempt_count == claim.attempt_number,
-                        d.status == DeliveryStatus.DELIVERING.value,
-                    )
-                    .values(
-                        status=status.value,
-                        next_attempt_at=outcome.next_attempt_at,
-                        lease_owner=None,
-                        reclaimed=False,
-                        updated_at=now,
-                    )
-                )
-                if result.rowcount == 1:
-                    await conn.execute(attempts.insert(), [_attempt_values(outcome.attempt)])
-                else:
-                    await self._record_late(conn, outcome, now)
-                touched.add(claim.notification_id)
-            await self._refresh_status(conn, touched)
+            if not await self._record_all_current(conn, outcomes, now):
+                for outcome in outcomes:
+                    await self._record_one(conn, outcome, now)
+            await self._refresh_status(conn, {o.claim.notification_id for o in outcomes})
             return await self._update_health(conn, outcomes, now, policy or HealthPolicy())
+
+    async def _record_all_current(
+        self, conn: AsyncConnection, outcomes: Sequence[Outcome], now: float
+    ) -> bool:
+        """The fast path: every lease is still ours, so two executemany calls record all.
+
+        Returns False, having changed nothing, when some lease was taken over meanwhile.
+        """
+        if len(outcomes) == 1 or not conn.dialect.supports_sane_multi_rowcount:
+            return False
+        nested = await conn.begin_nested()
+        result = await conn.execute(
+            _MOVE_ON,
+            [
+                {
+                    "b_id": o.claim.delivery_id,
+                    "b_number": o.claim.attempt_number,
+                    "b_status": _STATUS_AFTER[o.kind],
+                    "b_next": o.next_attempt_at,
+                    "b_now": now,
+                }
+                for o in outcomes
+            ],
+        )
+        if result.rowcount != len(outcomes):
+            await nested.rollback()
+            return False
+        await conn.execute(attempts.insert(), [_attempt_values(o.attempt) for o in outcomes])
+        await nested.commit()
+        return True
+
+    async def _record_one(self, conn: AsyncConnection, outcome: Outcome, now: float) -> None:
+        claim = outcome.claim
+        result = await conn.execute(
+            _MOVE_ON,
+            {
+                "b_id": claim.delivery_id,
+                "b_number": claim.attempt_number,
+                "b_status": _STATUS_AFTER[outcome.kind],
+                "b_next": outcome.next_attempt_at,
+                "b_now": now,
+            },
+        )
+        if result.rowcount == 1:
+            await conn.execute(attempts.insert(), [_attempt_values(outcome.attempt)])
+        else:
+            await self._record_late(conn, outcome, now)
 
     async def _update_health(
         self, conn: AsyncConnection, outcomes: Sequence[Outcome], now: float, policy: HealthPolicy

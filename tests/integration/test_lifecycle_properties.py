@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import random
 import tempfile
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -38,6 +40,7 @@ from tidings.success import SuccessRule
 LEASE_S = 30.0
 WINDOW_S = 600.0
 MAX_CRASHES = 3
+T = TypeVar("T")
 ANSWERS = st.sampled_from(["200", "500", "403", "timeout", "429"])
 
 
@@ -59,8 +62,8 @@ class Lifecycle(RuleBasedStateMachine):
         self.endpoints: dict[str, Endpoint] = {}
         self.notifications: list[str] = []
 
-    def run(self, coroutine: object) -> object:
-        return self.loop.run_until_complete(coroutine)  # type: ignore[arg-type]
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coroutine)
 
     def teardown(self) -> None:
         self.run(self.store.close())
@@ -88,7 +91,7 @@ class Lifecycle(RuleBasedStateMachine):
 
     @rule()
     def send(self) -> None:
-        made, _ = self.run(  # type: ignore[misc]
+        made, _ = self.run(
             self.store.add_notification(NewNotification(topic="t", body=b"{}"), self.now)
         )
         self.notifications.append(made.id)
@@ -100,7 +103,7 @@ class Lifecycle(RuleBasedStateMachine):
                 now=self.now, limit=limit, lease_s=LEASE_S, owner=owner, max_crashes=MAX_CRASHES
             )
         )
-        for claim in claims:  # type: ignore[attr-defined]
+        for claim in claims:
             assert self.now <= claim.deadline_at, "an attempt after the window"
             # A delivery is held by at most one live claim: a second claim of the same
             # delivery means the first lease ran out (its holder counts as crashed).
@@ -142,7 +145,7 @@ class Lifecycle(RuleBasedStateMachine):
     def redeliver(self, data: st.DataObject) -> None:
         notification_id = data.draw(st.sampled_from(self.notifications))
         ids = self.run(self.store.redeliver(notification_id, self.now))
-        self.redelivered.update(ids)  # type: ignore[arg-type]
+        self.redelivered.update(ids)
 
     @rule(seconds=st.sampled_from([1.0, 10.0, 45.0, 130.0, 700.0]))
     def tick(self, seconds: float) -> None:
@@ -159,7 +162,7 @@ class Lifecycle(RuleBasedStateMachine):
     def recorded_attempts_are_numbered_without_repeats(self) -> None:
         for notification_id in self.notifications:
             notification = self.run(self.store.get_notification(notification_id))
-            for delivery in notification.deliveries:  # type: ignore[attr-defined]
+            for delivery in notification.deliveries:
                 numbers = [a.number for a in delivery.attempts]
                 assert numbers == sorted(set(numbers)), numbers
                 assert all(n <= delivery.attempt_count for n in numbers)
@@ -168,7 +171,7 @@ class Lifecycle(RuleBasedStateMachine):
     def a_final_state_never_changes_unless_redelivered(self) -> None:
         for notification_id in self.notifications:
             notification = self.run(self.store.get_notification(notification_id))
-            for delivery in notification.deliveries:  # type: ignore[attr-defined]
+            for delivery in notification.deliveries:
                 before = self.final.get(delivery.id)
                 if before is not None and delivery.id not in self.redelivered:
                     assert delivery.status == before, (delivery.id, before, delivery.status)
@@ -190,7 +193,7 @@ class Lifecycle(RuleBasedStateMachine):
                     max_crashes=MAX_CRASHES,
                 )
             )
-            for claim in claims:  # type: ignore[attr-defined]
+            for claim in claims:
                 attempt = Attempt(
                     delivery_id=claim.delivery_id,
                     number=claim.attempt_number,
@@ -204,7 +207,7 @@ class Lifecycle(RuleBasedStateMachine):
                 self.run(self.store.record_outcomes([outcome], self.now))
         for notification_id in self.notifications:
             notification = self.run(self.store.get_notification(notification_id))
-            for delivery in notification.deliveries:  # type: ignore[attr-defined]
+            for delivery in notification.deliveries:
                 assert delivery.status in FINAL_STATUSES, delivery
 
 

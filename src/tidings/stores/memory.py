@@ -12,6 +12,7 @@ from typing import Any
 
 from tidings.auth import ApiKey
 from tidings.errors import Conflict, NotFound
+from tidings.health import Health, HealthPolicy, admissible, is_gated, spend
 from tidings.models import (
     Attempt,
     Claim,
@@ -47,6 +48,9 @@ _STATUS_AFTER = {
 }
 
 
+_DELIVERY_COLUMNS = [f.name for f in dataclasses.fields(Delivery) if f.name != "attempts"]
+
+
 @dataclass
 class _DeliveryRow:
     """One row of the deliveries table; mutable, unlike the Delivery it is read as."""
@@ -75,19 +79,9 @@ class _DeliveryRow:
 
     def read(self, *, with_attempts: bool) -> Delivery:
         """The row as the domain record."""
+        columns = {name: getattr(self, name) for name in _DELIVERY_COLUMNS}
         found = self.attempts if with_attempts else {}
-        return Delivery(
-            id=self.id,
-            notification_id=self.notification_id,
-            endpoint_id=self.endpoint_id,
-            status=self.status,
-            attempt_count=self.attempt_count,
-            next_attempt_at=self.next_attempt_at,
-            deadline_at=self.deadline_at,
-            created_at=self.created_at,
-            updated_at=self.updated_at,
-            attempts=tuple(found[number] for number in sorted(found)),
-        )
+        return Delivery(**columns, attempts=tuple(found[n] for n in sorted(found)))
 
 
 def summary_status(statuses: Iterable[DeliveryStatus]) -> NotificationStatus:
@@ -100,9 +94,8 @@ def summary_status(statuses: Iterable[DeliveryStatus]) -> NotificationStatus:
 class MemoryStore(Store):
     """Everything in dicts of this process; each method runs without yielding, so atomically.
 
-    The notification status is derived from the deliveries on every read; the SQL store
-    keeps it in a column that it refreshes on every change that can alter it, so the two
-    always agree.
+    Notification status is derived from the deliveries on every read; the SQL store keeps
+    it in a column refreshed on every change that can alter it, so the two agree.
     """
 
     def __init__(self) -> None:
@@ -110,9 +103,13 @@ class MemoryStore(Store):
         # Notifications are kept without status and deliveries, in seq order.
         self._notifications: dict[str, Notification] = {}
         self._by_idempotency_key: dict[str, str] = {}
+        # Limitation: claims and endpoint changes scan every delivery; fine for tests and
+        # demos, slow past a few hundred thousand deliveries.
         self._deliveries: dict[str, _DeliveryRow] = {}
+        self._delivery_ids: dict[str, list[str]] = {}  # by notification id
         self._last_seq = 0
         self._keys: dict[str, ApiKey] = {}
+        self._health: dict[str, Health] = {}
 
     async def open(self) -> None:
         return None
@@ -143,6 +140,7 @@ class MemoryStore(Store):
     async def remove_endpoint(self, endpoint_id: str, now: float) -> int:
         await self.get_endpoint(endpoint_id)
         del self._endpoints[endpoint_id]
+        self._health.pop(endpoint_id, None)
         touched = set()
         for row in self._deliveries.values():
             if row.endpoint_id == endpoint_id and row.status in _LIVE:
@@ -187,6 +185,7 @@ class MemoryStore(Store):
                     updated_at=now,
                 )
                 self._deliveries[row.id] = row
+                self._delivery_ids.setdefault(notification.id, []).append(row.id)
         return self._read(notification, with_attempts=False), True
 
     async def get_notification(self, notification_id: str) -> Notification:
@@ -195,8 +194,7 @@ class MemoryStore(Store):
         return self._read(self._notifications[notification_id], with_attempts=True)
 
     def _rows_of(self, notification_id: str) -> list[_DeliveryRow]:
-        # Limitation: a scan of every delivery; fine for tests and demos, not for millions.
-        rows = [r for r in self._deliveries.values() if r.notification_id == notification_id]
+        rows = [self._deliveries[i] for i in self._delivery_ids.get(notification_id, [])]
         return sorted(rows, key=lambda r: (r.created_at, r.id))
 
     def _read(self, notification: Notification, *, with_attempts: bool) -> Notification:
@@ -262,18 +260,88 @@ class MemoryStore(Store):
     ) -> list[Claim]:
         excluded = set(exclude_endpoints)
         wanted = None if delivery_ids is None else set(delivery_ids)
+        # Endpoints with a breaker or limits take turns at their gate, after the rest.
+        gated = [
+            e.id for e in self._endpoints.values() if self._is_gated(e) and self._due(now, e.id)
+        ]
+        free = [
+            row
+            for row in self._due(now)
+            if row.endpoint_id not in excluded
+            and row.endpoint_id not in gated
+            and (wanted is None or row.id in wanted)
+        ]
+        claims = self._lease(free[: max(limit, 0)], now, lease_s, owner, max_crashes)
+        for endpoint_id in gated:
+            room = limit - len(claims)
+            if room <= 0:
+                break
+            if endpoint_id not in excluded:
+                claims += self._claim_gated(endpoint_id, now, room, lease_s, owner, max_crashes)
+        return claims
+
+    def _due(self, now: float, endpoint_id: str | None = None) -> list[_DeliveryRow]:
+        """Deliveries due at `now` (of one endpoint, if named), earliest first."""
         due = [
             row
             for row in self._deliveries.values()
             if row.next_attempt_at is not None
             and row.next_attempt_at <= now
-            and row.endpoint_id not in excluded
-            and (wanted is None or row.id in wanted)
+            and endpoint_id in (None, row.endpoint_id)
         ]
-        due.sort(key=lambda row: row.next_attempt_at or 0.0)
+        return sorted(due, key=lambda row: row.next_attempt_at or 0.0)
 
+    def _is_gated(self, endpoint: Endpoint) -> bool:
+        return is_gated(
+            self._health.get(endpoint.id, Health()),
+            enabled=endpoint.enabled,
+            rate_limit_per_s=endpoint.rate_limit_per_s,
+            max_in_flight=endpoint.max_in_flight,
+        )
+
+    def _claim_gated(
+        self,
+        endpoint_id: str,
+        now: float,
+        limit: int,
+        lease_s: float,
+        owner: str,
+        max_crashes: int,
+    ) -> list[Claim]:
+        """Claim for one gated endpoint under its circuit breaker and limits."""
+        endpoint = self._endpoints[endpoint_id]
+        for row in self._due(now, endpoint_id):
+            if row.status is DeliveryStatus.PENDING and row.deadline_at < now:
+                row.move(DeliveryStatus.EXHAUSTED, None, now)  # held back past its window
+        if not endpoint.enabled:
+            return []
+        health = self._health.get(endpoint_id, Health())
+        leases = [
+            r.next_attempt_at
+            for r in self._deliveries.values()
+            if r.endpoint_id == endpoint_id and r.status is DeliveryStatus.DELIVERING
+        ]
+        in_flight = sum(1 for until in leases if until is not None and until > now)
+        room = admissible(
+            health,
+            now=now,
+            in_flight=in_flight,
+            rate_limit_per_s=endpoint.rate_limit_per_s,
+            max_in_flight=endpoint.max_in_flight,
+        )
+        due = self._due(now, endpoint_id)[: max(min(limit, room), 0)]
+        claims = self._lease(due, now, lease_s, owner, max_crashes)
+        self._health[endpoint_id] = spend(
+            health, now=now, started=len(claims), rate_limit_per_s=endpoint.rate_limit_per_s
+        )
+        return claims
+
+    def _lease(
+        self, rows: list[_DeliveryRow], now: float, lease_s: float, owner: str, max_crashes: int
+    ) -> list[Claim]:
+        """Lease `rows`; record lost attempts; refuse attempts past the window."""
         claims: list[Claim] = []
-        for row in due[: max(limit, 0)]:
+        for row in rows:
             # A delivery still leased when its lease ran out lost its holder mid-attempt.
             reclaimed = row.status is DeliveryStatus.DELIVERING
             row.crashes += 1 if reclaimed else 0
@@ -281,14 +349,15 @@ class MemoryStore(Store):
             row.move(DeliveryStatus.DELIVERING, now + lease_s, now, owner)
             if reclaimed:
                 self._record_lost_attempt(row, now)
-                if row.crashes >= max_crashes or now > row.deadline_at:
-                    row.move(DeliveryStatus.EXHAUSTED, None, now)
-                    log.error(
-                        "gave up on %s: its dispatcher died mid-attempt",
-                        row.id,
-                        extra={"action": "exhausted_after_crashes", "delivery_id": row.id},
-                    )
-                    continue
+            if now > row.deadline_at or (reclaimed and row.crashes >= max_crashes):
+                row.attempt_count -= 1
+                row.move(DeliveryStatus.EXHAUSTED, None, now)
+                log.error(
+                    "gave up on %s: window closed or dispatcher died mid-attempt",
+                    row.id,
+                    extra={"action": "exhausted_unattempted", "delivery_id": row.id},
+                )
+                continue
             claims.append(self._claim(row))
         return claims
 
@@ -343,7 +412,9 @@ class MemoryStore(Store):
         same_attempt = row.attempt_count == claim.attempt_number
         return row if same_attempt and row.status is DeliveryStatus.DELIVERING else None
 
-    async def record_outcomes(self, outcomes: Sequence[Outcome], now: float) -> None:
+    async def record_outcomes(
+        self, outcomes: Sequence[Outcome], now: float, policy: HealthPolicy | None = None
+    ) -> list[str]:
         for outcome in outcomes:
             row = self._current(outcome.claim)
             if row is None:
@@ -351,6 +422,37 @@ class MemoryStore(Store):
                 continue
             row.move(_STATUS_AFTER[outcome.kind], outcome.next_attempt_at, now)
             row.attempts[outcome.attempt.number] = outcome.attempt
+        return self._update_health(outcomes, now, policy or HealthPolicy())
+
+    def _update_health(
+        self, outcomes: Sequence[Outcome], now: float, policy: HealthPolicy
+    ) -> list[str]:
+        """Feed the circuit breakers; returns endpoints disabled for failing too long."""
+        disabled = []
+        for endpoint_id in sorted({o.claim.endpoint_id for o in outcomes}):
+            endpoint = self._endpoints.get(endpoint_id)
+            if endpoint is None:
+                continue  # removed meanwhile
+            health = self._health.get(endpoint_id, Health())
+            for attempt in (o.attempt for o in outcomes if o.claim.endpoint_id == endpoint_id):
+                health = (
+                    health.after_success()
+                    if attempt.succeeded
+                    else health.after_failure(
+                        at=attempt.started_at,
+                        now=now,
+                        policy=policy,
+                        retry_after_s=attempt.retry_after_s,
+                    )
+                )
+            self._health[endpoint_id] = health
+            if endpoint.enabled and health.should_disable(now, policy):
+                self._endpoints[endpoint_id] = dataclasses.replace(endpoint, enabled=False)
+                disabled.append(endpoint_id)
+        return disabled
+
+    async def endpoint_health(self, endpoint_id: str) -> Health:
+        return self._health.get(endpoint_id, Health())
 
     def _record_late(self, outcome: Outcome, now: float) -> None:
         """An attempt finished after its lease was taken over: keep what it learned."""

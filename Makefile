@@ -37,7 +37,8 @@ demo: $(STAMP)
 	TIDINGS_ALLOW_PRIVATE_NETWORKS=true $(BIN)/tidings demo recharge
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 services:
 	./.ci/services

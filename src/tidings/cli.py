@@ -146,13 +146,13 @@ def api(
 def dispatcher(database_url: DatabaseOption = None, log_level: LogLevelOption = "info") -> None:
     """Run only a dispatcher; start as many as the store and broker can feed."""
     from tidings.logs import configure
-    from tidings.runner import run_dispatcher
+    from tidings.runner import run, run_dispatcher
     from tidings.settings import Settings
 
     configure(log_level)
     if database_url:
         os.environ["TIDINGS_DATABASE_URL"] = database_url
-    asyncio.run(run_dispatcher(Settings()))
+    run(run_dispatcher(Settings()))
 
 
 @db_app.command("upgrade")
@@ -173,6 +173,36 @@ def db_upgrade(database_url: DatabaseOption = None) -> None:
 
     asyncio.run(upgrade())
     typer.echo(f"schema is up to date in {_redact(url)}")
+
+
+@app.command()
+def purge(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would go; delete nothing.")
+    ] = False,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Purge final notifications kept past their retention (a dispatcher does it too)."""
+    from tidings.retention import RetentionPolicy
+    from tidings.retention import purge as purge_expired
+    from tidings.stores.sql import SqlStore
+
+    async def work(service: Any) -> Any:
+        if not isinstance(service.store, SqlStore):
+            raise TidingsError("purge needs a SQL store; the in-memory store keeps nothing")
+        policy = RetentionPolicy.from_settings(service.settings)
+        report = await purge_expired(
+            service.store.engine,
+            now=service.clock.now(),
+            policy=policy,
+            batch=service.settings.purge_batch,
+            dry_run=dry_run,
+        )
+        return policy, report
+
+    policy, report = _with_service(database_url, work)
+    typer.echo(f"retention: {policy.describe()}")
+    typer.echo(f"{'would purge' if dry_run else 'purged'} {report.describe()}")
 
 
 # API keys ------------------------------------------------------------------------------
@@ -313,6 +343,44 @@ def redeliver(
     """Attempt every undelivered delivery of a notification now."""
     with _client(url, api_key) as client:
         _print(client.redeliver(notification_id))
+
+
+@app.command()
+def relay(
+    source: Annotated[
+        str,
+        typer.Option(
+            "--source",
+            envvar="TIDINGS_OUTBOX_URL",
+            help="SQLAlchemy URL of the notifier's database holding the outbox.",
+        ),
+    ],
+    tidings_url: Annotated[
+        str, typer.Option("--tidings-url", envvar="TIDINGS_URL", help="Base URL of the API.")
+    ] = "http://127.0.0.1:8080",
+    api_key: ApiKeyOption = None,
+    table: Annotated[str, typer.Option(help="Outbox table, or schema.table.")] = "tidings_outbox",
+    interval_s: Annotated[float, typer.Option("--interval-s", min=0.01)] = 1.0,
+    batch_size: Annotated[int, typer.Option(min=1, max=10_000)] = 100,
+    once: Annotated[bool, typer.Option("--once", help="Relay what is pending, then exit.")] = False,
+    log_level: LogLevelOption = "info",
+) -> None:
+    """Move committed outbox rows to Tidings, oldest first; runs until SIGTERM/SIGINT."""
+    from tidings.logs import configure
+    from tidings.outbox.relay import main as relay_main
+
+    configure(log_level)
+    report = relay_main(
+        source=source,
+        tidings_url=tidings_url,
+        api_key=api_key,
+        table_name=table,
+        interval_s=interval_s,
+        batch_size=batch_size,
+        once=once,
+    )
+    if report is not None:
+        typer.echo(f"relayed {report.relayed} rows, rejected {report.rejected}")
 
 
 # endpoints ------------------------------------------------------------------------------

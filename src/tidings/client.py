@@ -124,7 +124,7 @@ class Client:
             page = self.page(topic=topic, cursor=cursor, limit=page_size)
             items = page["items"]
             for item in items:
-                yield item["id"], item
+                yield item["cursor"], item
             if page["next_cursor"] is None:
                 return
             cursor = page["next_cursor"]

@@ -9,18 +9,20 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tidings.auth import NewKey, Scope, make_key
+from tidings.brokers import open_broker
 from tidings.brokers.base import Broker
-from tidings.brokers.embedded import EmbeddedBroker
 from tidings.clock import Clock, SystemClock
 from tidings.dispatch.dispatcher import Dispatcher, DispatcherConfig
 from tidings.dispatch.http import HttpSender
 from tidings.durations import parse_duration_s
 from tidings.errors import InvalidInput, PayloadTooLarge
 from tidings.guard import AddressGuard
+from tidings.health import HealthPolicy
 from tidings.models import Endpoint, EndpointKind, NewNotification, Notification, new_id
+from tidings.retention import Purger
 from tidings.schedule import RetrySchedule
 from tidings.settings import Settings
-from tidings.signing import generate_secret
+from tidings.signing import generate_secret, secret_key
 from tidings.stores import open_store
 from tidings.stores.base import NotificationQuery, Page, Store
 from tidings.success import SuccessRule
@@ -44,6 +46,8 @@ class EndpointSpec:
     description: str | None = None
     enabled: bool | None = None
     kind: EndpointKind | None = None
+    rate_limit_per_s: float | None = None
+    max_in_flight: int | None = None
 
 
 def check_text(value: str, field: str) -> str:
@@ -55,6 +59,21 @@ def check_text(value: str, field: str) -> str:
             f"{field}: contains a lone surrogate, which is not valid Unicode", field=field
         ) from exc
     return value
+
+
+def check_secret(secret: str) -> str:
+    """Accept only Standard Webhooks secrets, so receivers' libraries verify them as given."""
+    try:
+        key = secret_key(secret) if secret.startswith("whsec_") else b""
+    except ValueError:
+        key = b""
+    if not 16 <= len(key) <= 64:
+        raise InvalidInput(
+            "secret: use the Standard Webhooks form whsec_<base64 of 16 to 64 random bytes>, "
+            "or leave it out and Tidings generates one",
+            field="secret",
+        )
+    return secret
 
 
 def check_topic(topic: str, field: str = "topic") -> str:
@@ -85,7 +104,12 @@ class Service:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.store = store or open_store(settings.database_url)
-        self.broker = broker or EmbeddedBroker()
+        self.broker = broker or open_broker(
+            settings.broker_url,
+            prefix=settings.broker_prefix,
+            clock=self.clock,
+            store_poll_interval_s=settings.store_poll_interval_s,
+        )
         self.guard = AddressGuard(
             allow_private=settings.allow_private_networks,
             allowed_ports=frozenset(settings.allowed_ports) if settings.allowed_ports else None,
@@ -94,15 +118,20 @@ class Service:
         self.dispatcher: Dispatcher | None = None
         self._dispatcher_task: asyncio.Task[None] | None = None
         self._sender: HttpSender | None = None
+        self._purger: Purger | None = None
 
     # lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the store and the broker; start the dispatcher when asked to."""
+        """Open the store and the broker; start the dispatcher (and the purge) when asked to."""
         await self.store.open()
         await self.broker.start()
         if self.run_dispatcher:
             await self.start_dispatcher()
+            # Where dispatchers run, so a process that only serves the API never deletes.
+            self._purger = Purger.for_store(self.store, self.settings, self.clock)
+            if self._purger is not None:
+                self._purger.start()
 
     async def start_dispatcher(self) -> None:
         """Start a dispatcher in this process."""
@@ -112,7 +141,6 @@ class Service:
             excerpt_bytes=s.response_excerpt_bytes,
             connect_timeout_s=s.connect_timeout_s,
             max_connections=s.max_in_flight,
-            per_host_connections=s.endpoint_concurrency,
         )
         await self._sender.start()
         config = DispatcherConfig(
@@ -124,6 +152,13 @@ class Service:
             max_crashes=s.max_crashes,
             excerpt_bytes=s.response_excerpt_bytes,
             shutdown_grace_s=s.shutdown_grace_s,
+            jitter=s.jitter,
+            health=HealthPolicy(
+                breaker_threshold=s.breaker_threshold,
+                breaker_cooldown_s=s.breaker_cooldown_s,
+                breaker_max_cooldown_s=s.breaker_max_cooldown_s,
+                disable_after_s=s.disable_after_s,
+            ),
         )
         self.dispatcher = Dispatcher(self.store, self.broker, self._sender, config, self.clock)
         self._dispatcher_task = asyncio.create_task(
@@ -133,6 +168,8 @@ class Service:
 
     async def stop(self) -> None:
         """Stop the dispatcher (in-flight attempts finish or are handed back), then close."""
+        if self._purger is not None:
+            await self._purger.stop()
         if self.dispatcher is not None and self._dispatcher_task is not None:
             self.dispatcher.stop()
             with contextlib.suppress(asyncio.CancelledError):
@@ -184,6 +221,8 @@ class Service:
                 f"{longest_s:g}s (TIDINGS_LEASE_S minus TIDINGS_CONNECT_TIMEOUT_S)",
                 field="timeout",
             )
+        if spec.secret is not None:
+            check_secret(spec.secret)
         secrets = (
             (spec.secret,) if spec.secret else (base.secrets if base else (generate_secret(),))
         )
@@ -203,6 +242,12 @@ class Service:
             if spec.description is not None
             else (base.description if base else ""),
             created_at=base.created_at if base else now,
+            rate_limit_per_s=spec.rate_limit_per_s
+            if spec.rate_limit_per_s is not None
+            else (base.rate_limit_per_s if base else None),
+            max_in_flight=spec.max_in_flight
+            if spec.max_in_flight is not None
+            else (base.max_in_flight if base else None),
         )
 
     async def add_endpoint(self, spec: EndpointSpec) -> Endpoint:
@@ -239,7 +284,7 @@ class Service:
             for old, end in zip(base.secrets, expiry, strict=True)
             if end is None or end > now
         ]
-        fresh = secret or generate_secret()
+        fresh = check_secret(secret) if secret else generate_secret()
         endpoint = replace(
             base,
             secrets=(fresh, *(old for old, _ in kept)),

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
 
     database_url: str = DEFAULT_DATABASE_URL
     broker_url: str | None = None
+    # Queue names start with this, so several Tidings can share one RabbitMQ vhost.
+    broker_prefix: str = Field(default="tidings", pattern=r"^[A-Za-z0-9_.:-]{1,100}$")
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
 
@@ -47,8 +49,21 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(default=256, ge=1)
     endpoint_concurrency: int = Field(default=16, ge=1)
     poll_interval_s: float = Field(default=0.25, gt=0)
+    # With a broker URL the broker brings the news; the store is still polled this often
+    # for deliveries whose message was lost.
+    store_poll_interval_s: float = Field(default=2.0, gt=0)
     max_crashes: int = Field(default=3, ge=1)
+    breaker_threshold: int = Field(default=5, ge=1)
+    breaker_cooldown_s: float = Field(default=30.0, gt=0)
+    breaker_max_cooldown_s: float = Field(default=600.0, gt=0)
+    disable_after_s: float = Field(default=5 * 86400.0, gt=0)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+    # Final notifications are purged this long after they settled (see tidings.retention).
+    retention_delivered_s: float = Field(default=30 * 86400.0, gt=0)
+    retention_exhausted_s: float = Field(default=90 * 86400.0, gt=0)
+    purge_interval_s: float = Field(default=600.0, gt=0)
+    # Notifications per purge transaction: small, so the dispatcher's writes are not held up.
+    purge_batch: int = Field(default=500, ge=1, le=10_000)
 
     @field_validator("allowed_ports", mode="before")
     @classmethod

@@ -194,6 +194,6 @@ async def test_secrets_and_keys_never_appear_in_listings(world: World) -> None:
 async def test_authentication_off_is_refused_unless_bound_to_loopback() -> None:
     from tidings.errors import ConfigurationError
 
-    with pytest.raises(ConfigurationError, match="127.0.0.1"):
+    with pytest.raises(ConfigurationError, match=r"127\.0\.0\.1"):
         Settings(auth_required=False, host="0.0.0.0").check()
     Settings(auth_required=False, host="127.0.0.1").check()

@@ -197,6 +197,7 @@ class NotificationOut(BaseModel):
     payload: Any = None
     payload_base64: str | None = None
     deliveries: list[DeliveryOut]
+    cursor: str = Field(description="Pass as `cursor` to list what came after this one.")
 
     @classmethod
     def of(cls, notification: Notification, *, with_attempts: bool) -> NotificationOut:
@@ -222,6 +223,7 @@ class NotificationOut(BaseModel):
             deliveries=[
                 DeliveryOut.of(d, with_attempts=with_attempts) for d in notification.deliveries
             ],
+            cursor=str(notification.seq),
         )
 
 

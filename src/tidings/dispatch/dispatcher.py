@@ -9,13 +9,15 @@ import os
 import random
 import socket
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tidings.brokers.base import Broker
 from tidings.clock import Clock, SystemClock
 from tidings.dispatch.endpoints import EndpointCache
 from tidings.dispatch.http import HttpResult, HttpSender
+from tidings.dispatch.operational import announce
 from tidings.dispatch.outcome import decide_http
+from tidings.health import HealthPolicy
 from tidings.models import (
     Attempt,
     Claim,
@@ -44,6 +46,8 @@ class DispatcherConfig:
     max_crashes: int = 3
     excerpt_bytes: int = 1024
     shutdown_grace_s: float = 10.0
+    health: HealthPolicy = field(default_factory=HealthPolicy)
+    jitter: float = 0.1
 
 
 def _owner_name() -> str:
@@ -67,12 +71,13 @@ class Dispatcher:
         self.config = config
         self.clock = clock or SystemClock()
         self.owner = _owner_name()
-        self.endpoints = EndpointCache(store, self.clock)
+        self.endpoints = EndpointCache(store, self.clock, jitter=config.jitter)
         self._held: dict[str, Claim] = {}
         self._held_per_endpoint: defaultdict[str, int] = defaultdict(int)
         self._endpoint_slots: dict[str, asyncio.Semaphore] = {}
         self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
         self._room = asyncio.Event()
+        self._freed = asyncio.Event()
         self._attempts: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
 
@@ -135,11 +140,38 @@ class Dispatcher:
                 self._start_attempt(claim)
             if announced is None and len(claims) >= min(room, self.config.claim_batch):
                 continue  # more may be due right now
-            announced = await self.broker.wait_due(self.config.poll_interval_s)
+            announced = await self._wait_due()
 
     def _busy_endpoints(self) -> list[str]:
         cap = self.config.endpoint_concurrency * 2
         return [ep for ep, held in self._held_per_endpoint.items() if held >= cap]
+
+    async def _wait_due(self) -> list[str] | None:
+        """The broker's news, cut short by stop(): a broker may wait seconds for news."""
+        news = asyncio.create_task(
+            self.broker.wait_due(self.config.poll_interval_s), name="tidings-wait-due"
+        )
+        stopping = asyncio.create_task(self._stop.wait(), name="tidings-wait-stop")
+        freed = asyncio.create_task(self._freed.wait(), name="tidings-wait-freed")
+        try:
+            await asyncio.wait({news, stopping, freed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._freed.clear()
+            for task in (news, stopping, freed):
+                task.cancel()
+            await asyncio.gather(news, stopping, freed, return_exceptions=True)
+        if news.cancelled():
+            return None  # stopping
+        failure = news.exception()
+        if failure is not None:
+            log.warning(
+                "could not wait for the broker (%s); looking in the store",
+                failure,
+                extra={"action": "broker_wait_failed"},
+            )
+            await self._pause(self.config.poll_interval_s)
+            return None
+        return news.result()
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -161,6 +193,10 @@ class Dispatcher:
             self._held_per_endpoint.pop(claim.endpoint_id, None)
         else:
             self._held_per_endpoint[claim.endpoint_id] = left
+        if left == self.config.endpoint_concurrency * 2 - 1:
+            # The endpoint was left out of the last claim for being busy; it has room
+            # again, and it may have work waiting: claim now rather than at the next poll.
+            self._freed.set()
         self._room.set()
 
     # attempting ------------------------------------------------------------------------
@@ -268,7 +304,10 @@ class Dispatcher:
         while True:
             try:
                 # Shielded: a shutdown must not cut a status write in half.
-                await asyncio.shield(self.store.record_outcomes(batch, self.clock.now()))
+                disabled = await asyncio.shield(
+                    self.store.record_outcomes(batch, self.clock.now(), self.config.health)
+                )
+                await self._announce(batch, disabled)
                 break
             except Exception:
                 failures += 1
@@ -291,6 +330,18 @@ class Dispatcher:
         for outcome in batch:
             self._let_go(outcome.claim)
         await self._announce_retries(batch)
+
+    async def _announce(self, batch: list[Outcome], disabled: list[str]) -> None:
+        if not disabled and all(o.kind is not OutcomeKind.EXHAUSTED for o in batch):
+            return
+        try:
+            await announce(self.store, self.broker, batch, disabled, self.clock.now())
+        except Exception:
+            # Limitation: an operational notification lost here is not sent again; the
+            # exhausted deliveries themselves stay recorded and listable.
+            log.exception(
+                "could not send operational notifications", extra={"action": "operational_failed"}
+            )
 
     async def _announce_retries(self, batch: list[Outcome]) -> None:
         for outcome in batch:

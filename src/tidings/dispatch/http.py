@@ -20,6 +20,7 @@ from tidings.signing import webhook_headers
 log = logging.getLogger(__name__)
 
 USER_AGENT = "Tidings/0.1 (+best-effort notification)"
+_ERROR_DETAIL_CHARS = 500
 
 
 @dataclass(frozen=True)
@@ -67,16 +68,31 @@ def classify_error(exc: BaseException) -> ErrorClass:
         if isinstance(os_error, OSError) and os_error.errno in (errno.ETIMEDOUT,):
             return ErrorClass.TIMEOUT
         return ErrorClass.CONNECT_REFUSED
+    if isinstance(exc, aiohttp.ClientResponseError):
+        # Without raise_for_status, aiohttp raises this only when the answer's head is not
+        # HTTP or breaks a limit (too many headers, a line over max_field_size).
+        return ErrorClass.INVALID_RESPONSE
     if isinstance(
         exc,
         aiohttp.ServerDisconnectedError
         | aiohttp.ClientPayloadError
         | aiohttp.ClientOSError
-        | ConnectionResetError
-        | aiohttp.ClientResponseError,
+        | ConnectionResetError,
     ):
         return ErrorClass.CONNECTION_RESET
     return ErrorClass.ERROR
+
+
+def describe_error(exc: BaseException, timeout_s: float | None = None) -> str:
+    """The error detail kept on the attempt: short, whatever the receiver sent."""
+    if isinstance(exc, TimeoutError) and not str(exc) and timeout_s is not None:
+        return f"TimeoutError: no complete answer within the endpoint timeout ({timeout_s:g}s)"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        # aiohttp's text carries a made-up status 400 and the offending bytes; keep the gist.
+        return f"the answer is not valid HTTP or its head is too large: {exc.message}"[
+            :_ERROR_DETAIL_CHARS
+        ]
+    return f"{type(exc).__name__}: {exc}"[:_ERROR_DETAIL_CHARS]
 
 
 class HttpSender:
@@ -89,14 +105,12 @@ class HttpSender:
         excerpt_bytes: int = 1024,
         connect_timeout_s: float = 5.0,
         max_connections: int = 256,
-        per_host_connections: int = 16,
         resolver: aiohttp.abc.AbstractResolver | None = None,
     ) -> None:
         self.guard = guard
         self.excerpt_bytes = excerpt_bytes
         self.connect_timeout_s = connect_timeout_s
         self._max_connections = max_connections
-        self._per_host_connections = per_host_connections
         self._inner_resolver = resolver
         self._session: aiohttp.ClientSession | None = None
 
@@ -104,7 +118,9 @@ class HttpSender:
         """Open the session; its connector checks every resolved address."""
         connector = aiohttp.TCPConnector(
             limit=self._max_connections,
-            limit_per_host=self._per_host_connections,
+            # No per-host cap: endpoints sharing a host are isolated by the dispatcher's
+            # per-endpoint slots, which a shared host cap would undo.
+            limit_per_host=0,
             resolver=GuardedResolver(self._inner_resolver, self.guard),
             ttl_dns_cache=10,
             enable_cleanup_closed=True,
@@ -183,7 +199,7 @@ class HttpSender:
                 started_at=started_at,
                 duration_ms=(time.perf_counter() - clock) * 1000,
                 error_class=classify_error(exc),
-                error_detail=f"{type(exc).__name__}: {exc}"[:500],
+                error_detail=describe_error(exc, timeout_s),
             )
 
     async def _read_head(self, response: aiohttp.ClientResponse) -> bytes:

@@ -637,8 +637,18 @@ class SqlStore(Store):
             deliveries=tuple(made),
         )
 
+    async def _one_snapshot(self, conn: AsyncConnection) -> None:
+        """Make the reads on `conn` see one snapshot, so a record is never read half-written.
+
+        PostgreSQL's default READ COMMITTED takes a new snapshot per statement; SQLite's
+        read transaction already keeps one.
+        """
+        if not self.is_sqlite:
+            await conn.execution_options(isolation_level="REPEATABLE READ")
+
     async def get_notification(self, notification_id: str) -> Notification:
         async with self.reader.connect() as conn:
+            await self._one_snapshot(conn)
             row = (
                 await conn.execute(
                     notifications.select().where(notifications.c.id == notification_id)
@@ -684,6 +694,7 @@ class SqlStore(Store):
             select = select.where(routed)
         select = select.order_by(n.seq).limit(query.limit + 1)
         async with self.reader.connect() as conn:
+            await self._one_snapshot(conn)
             rows = (await conn.execute(select)).all()
             page = rows[: query.limit]
             by_notification: dict[str, list[Delivery]] = {row.id: [] for row in page}
@@ -1101,6 +1112,11 @@ class SqlStore(Store):
         self, conn: AsyncConnection, outcomes: Sequence[Outcome], now: float, policy: HealthPolicy
     ) -> list[str]:
         """Feed the circuit breakers; returns endpoints disabled for failing too long."""
+        # An attempt the dispatcher cut short itself (its store went away, it stopped) says
+        # nothing about the receiver: it must not open the endpoint's circuit.
+        outcomes = [o for o in outcomes if o.attempt.error_class is not ErrorClass.INTERRUPTED]
+        if not outcomes:
+            return []
         h, e = endpoint_health.c, endpoints.c
         involved = sorted({o.claim.endpoint_id for o in outcomes})
         rows = await conn.execute(

@@ -1,0 +1,1 @@
+"""Integration tests: the whole service against real stores and real HTTP receivers."""

@@ -383,6 +383,70 @@ def relay(
         typer.echo(f"relayed {report.relayed} rows, rejected {report.rejected}")
 
 
+@app.command()
+def subscribe(
+    topic: str,
+    group: Annotated[
+        str, typer.Option("--group", "-g", help="Subscriber group: one queue, one endpoint.")
+    ],
+    command: Annotated[
+        str,
+        typer.Option(
+            "--exec",
+            help="Shell command run per message: body on stdin; TIDINGS_NOTIFICATION_ID, "
+            "TIDINGS_ATTEMPT, TIDINGS_TOPIC in its environment; exit 0 = handled.",
+        ),
+    ],
+    broker_url: Annotated[
+        str, typer.Option("--broker-url", envvar="TIDINGS_BROKER_URL", help="RabbitMQ URL.")
+    ] = "amqp://guest:guest@127.0.0.1:5672/",
+    prefix: Annotated[
+        str, typer.Option("--prefix", envvar="TIDINGS_BROKER_PREFIX", help="Queue name prefix.")
+    ] = "tidings",
+    schedule: Annotated[
+        str | None, typer.Option(help="For a new group: preset or '10s,1m,5m'.")
+    ] = None,
+    window: Annotated[str | None, typer.Option(help="For a new group: e.g. 24h")] = None,
+    timeout: Annotated[
+        str, typer.Option(help="Time one message may take; the command is killed after it.")
+    ] = "30s",
+    url: UrlOption = "http://127.0.0.1:8080",
+    api_key: ApiKeyOption = None,
+    log_level: LogLevelOption = "info",
+) -> None:
+    """Run a command for every notification of TOPIC, as subscriber group G, until stopped."""
+    import signal
+
+    from tidings.durations import parse_duration_s
+    from tidings.logs import configure
+    from tidings.runner import run
+    from tidings.subscriber import Subscriber, command_handler
+
+    configure(log_level)
+    ladder: Any = schedule.split(",") if schedule and "," in schedule else schedule
+    subscriber = Subscriber(
+        broker_url,
+        topic=topic,
+        group=group,
+        tidings_url=url,
+        api_key=api_key,
+        prefix=prefix,
+        retry_schedule=ladder,
+        window=window,
+        timeout=timeout,
+    )
+    handler = command_handler(command, timeout_s=parse_duration_s(timeout, field="timeout"))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await subscriber.run(handler, stop)
+
+    run(main())
+
+
 # endpoints ------------------------------------------------------------------------------
 
 

@@ -124,7 +124,7 @@ def _expired_query(
     expired = sa.or_(
         sa.and_(
             n.status == NotificationStatus.DELIVERED.value,
-            # Cheap on the index before the correlated maximum: settling follows creation.
+            # A plain column test before the correlated maximum: settling follows creation.
             n.created_at < delivered_cutoff,
             settled_at < delivered_cutoff,
         ),
@@ -200,13 +200,15 @@ async def _count_children(conn: AsyncConnection, ids: list[str]) -> tuple[int, i
     return int(delivery_count), int(attempt_count)
 
 
-async def _delete(conn: AsyncConnection, ids: list[str]) -> tuple[int, int, int]:
-    d = deliveries.c
+async def _delete(conn: AsyncConnection, ids: list[str]) -> tuple[list[str], int, int]:
+    """Delete the notifications and what hangs off them; returns the ids really deleted."""
+    d, n = deliveries.c, notifications.c
     mine = sa.select(d.id).where(d.notification_id.in_(ids))
     gone_attempts = await conn.execute(attempts.delete().where(attempts.c.delivery_id.in_(mine)))
     gone_deliveries = await conn.execute(deliveries.delete().where(d.notification_id.in_(ids)))
-    gone = await conn.execute(notifications.delete().where(notifications.c.id.in_(ids)))
-    return int(gone.rowcount), int(gone_deliveries.rowcount), int(gone_attempts.rowcount)
+    # Another purger may have taken an unrouted one (no delivery rows to lock) first.
+    gone = await conn.execute(notifications.delete().where(n.id.in_(ids)).returning(n.id))
+    return [row.id for row in gone], int(gone_deliveries.rowcount), int(gone_attempts.rowcount)
 
 
 async def purge_batch(
@@ -232,17 +234,17 @@ async def purge_batch(
         confirmed = await _confirm(conn, candidates, now, policy, lock=not dry_run)
         ids = sorted(confirmed)
         if not ids:
-            gone = (0, 0, 0)
+            gone: tuple[list[str], int, int] = ([], 0, 0)
         elif dry_run:
-            gone = (len(ids), *await _count_children(conn, ids))
+            gone = (ids, *await _count_children(conn, ids))
         else:
             gone = await _delete(conn, ids)
     report = PurgeReport(
-        notifications=gone[0],
+        notifications=len(gone[0]),
         deliveries=gone[1],
         attempts=gone[2],
         batches=1,
-        by_status=dict(Counter(confirmed.values())),
+        by_status=dict(Counter(confirmed[i] for i in gone[0])),
     )
     return report, (candidates[-1].seq if len(rows) == limit else None)
 

@@ -11,11 +11,12 @@ from typing import Any
 from tidings.auth import NewKey, Scope, make_key
 from tidings.brokers import open_broker
 from tidings.brokers.base import Broker
+from tidings.brokers.embedded import EmbeddedBroker
 from tidings.clock import Clock, SystemClock
 from tidings.dispatch.dispatcher import Dispatcher, DispatcherConfig
 from tidings.dispatch.http import HttpSender
 from tidings.durations import parse_duration_s
-from tidings.errors import InvalidInput, PayloadTooLarge
+from tidings.errors import Conflict, InvalidInput, PayloadTooLarge
 from tidings.guard import AddressGuard
 from tidings.health import HealthPolicy
 from tidings.models import Endpoint, EndpointKind, NewNotification, Notification, new_id
@@ -189,6 +190,8 @@ class Service:
             raise InvalidInput("url: required, e.g. 'https://example.com/notify'", field="url")
         if kind is EndpointKind.HTTP:
             self.guard.check_url(url)
+        else:
+            self._check_queue_url(url)
         topics = spec.topics if spec.topics is not None else (list(base.topics) if base else None)
         if not topics:
             raise InvalidInput("topics: give at least one topic, or '*' for all", field="topics")
@@ -215,7 +218,8 @@ class Service:
             else (base.timeout_s if base else self.settings.default_timeout_s)
         )
         longest_s = self.settings.lease_s - self.settings.connect_timeout_s
-        if timeout_s >= longest_s:
+        # A queue endpoint's timeout is the subscriber's time, not the dispatcher's lease.
+        if kind is EndpointKind.HTTP and timeout_s >= longest_s:
             raise InvalidInput(
                 f"timeout: {timeout_s:g}s is too long; it must be shorter than "
                 f"{longest_s:g}s (TIDINGS_LEASE_S minus TIDINGS_CONNECT_TIMEOUT_S)",
@@ -250,9 +254,33 @@ class Service:
             else (base.max_in_flight if base else None),
         )
 
+    def _check_queue_url(self, url: str) -> None:
+        """A queue endpoint names its subscriber group, and needs RabbitMQ to carry it."""
+        if isinstance(self.broker, EmbeddedBroker):
+            raise InvalidInput(
+                "kind: queue endpoints need RabbitMQ, and this service runs on the embedded "
+                "broker; set TIDINGS_BROKER_URL=amqp://user:password@host:5672/ on the API "
+                "and the dispatchers, or register an http endpoint",
+                field="kind",
+            )
+        from tidings.dispatch.queue import group_of  # needs aio-pika, there with RabbitMQ
+
+        try:
+            group_of(url)
+        except ValueError as exc:
+            raise InvalidInput(f"url: {exc}", field="url") from exc
+
     async def add_endpoint(self, spec: EndpointSpec) -> Endpoint:
         """Register an endpoint; a secret is generated when none is given."""
         endpoint = self._build_endpoint(spec, None)
+        if endpoint.kind is EndpointKind.QUEUE:
+            # Two endpoints of one group would put every notification on its queue twice.
+            for other in await self.store.list_endpoints():
+                if other.kind is EndpointKind.QUEUE and other.url == endpoint.url:
+                    raise Conflict(
+                        f"subscriber group {endpoint.url} is endpoint {other.id} already; "
+                        "change that one, or name another group"
+                    )
         await self.store.add_endpoint(endpoint)
         log.info(
             "endpoint %s added for %s",

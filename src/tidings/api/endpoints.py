@@ -18,6 +18,7 @@ from tidings.api.schemas import (
 from tidings.api.security import require
 from tidings.auth import ApiKey, Scope
 from tidings.errors import NotFound
+from tidings.models import EndpointKind
 from tidings.service import EndpointSpec, Service
 
 router = APIRouter(prefix="/v1/endpoints", tags=["endpoints"])
@@ -45,6 +46,7 @@ async def add_endpoint(body: EndpointIn, request: Request, _: Admin) -> Endpoint
     """Register an endpoint; the answer carries its signing secret, shown only now."""
     spec = EndpointSpec(
         url=body.url,
+        kind=EndpointKind(body.kind),
         topics=body.topics,
         secret=body.secret,
         retry_schedule=[str(step) for step in body.retry_schedule]

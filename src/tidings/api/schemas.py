@@ -37,7 +37,14 @@ SuccessIn = Literal["2xx"] | TokenRule
 class EndpointIn(_Strict):
     """A receiver's URL and how it wants notifications."""
 
-    url: str = Field(max_length=2048, examples=["https://merchant.example/notify"])
+    url: str = Field(
+        max_length=2048, examples=["https://merchant.example/notify", "queue://accounts"]
+    )
+    kind: Literal["http", "queue"] = Field(
+        default="http",
+        description="http: POST to `url`; queue: a subscriber group `queue://<group>` "
+        "consuming from RabbitMQ",
+    )
     topics: list[str] = Field(min_length=1, max_length=100, examples=[["recharge.succeeded"]])
     secret: str | None = Field(default=None, min_length=8, max_length=200)
     retry_schedule: str | list[Duration] | None = Field(

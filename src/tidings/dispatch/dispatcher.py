@@ -10,6 +10,7 @@ import random
 import socket
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tidings.brokers.base import Broker
 from tidings.clock import Clock, SystemClock
@@ -27,6 +28,9 @@ from tidings.models import (
     OutcomeKind,
 )
 from tidings.stores.base import Store
+
+if TYPE_CHECKING:
+    from tidings.dispatch.queue import QueueDispatch
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,7 @@ class Dispatcher:
         self._freed = asyncio.Event()
         self._attempts: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
+        self.queues = _queue_dispatch(self)
 
     # lifecycle -------------------------------------------------------------------------
 
@@ -91,6 +96,8 @@ class Dispatcher:
             asyncio.create_task(self._heartbeat_loop(), name="tidings-lease-heartbeat"),
         ]
         try:
+            if self.queues is not None:
+                await self.queues.start()
             await self._claim_loop()
         finally:
             await self._drain()
@@ -100,6 +107,8 @@ class Dispatcher:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await self._flush_all()
+            if self.queues is not None:
+                await self.queues.close()
             log.info("dispatcher %s stopped", self.owner, extra={"action": "dispatcher_stop"})
 
     def stop(self) -> None:
@@ -231,6 +240,13 @@ class Dispatcher:
 
     async def _attempt_once(self, claim: Claim) -> None:
         endpoint = await self.endpoints.get(claim.endpoint_id)
+        if endpoint is not None and endpoint.kind is EndpointKind.QUEUE and self.queues is not None:
+            failed = await self.queues.hand_over(claim, endpoint)
+            if failed is None:
+                self._let_go(claim)  # the subscriber group holds it now
+            else:
+                self._outcomes.put_nowait(failed)
+            return
         if endpoint is None or endpoint.kind is not EndpointKind.HTTP:
             # Removed meanwhile (its deliveries are cancelled) or not ours to send.
             await self.store.release([claim], self.clock.now() + self.config.lease_s)
@@ -392,6 +408,28 @@ class Dispatcher:
         for task in pending:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _queue_dispatch(dispatcher: Dispatcher) -> QueueDispatch | None:
+    """The queue endpoints' side of a dispatcher: only on RabbitMQ, which carries them."""
+    try:
+        from tidings.brokers.rabbitmq import RabbitBroker
+        from tidings.dispatch.queue import QueueDispatch
+    except ImportError:
+        return None  # no aio-pika, so no RabbitMQ
+    broker = dispatcher.broker
+    if not isinstance(broker, RabbitBroker):
+        return None
+    return QueueDispatch(
+        broker.url,
+        prefix=broker.prefix,
+        store=dispatcher.store,
+        broker=broker,
+        endpoints=dispatcher.endpoints,
+        clock=dispatcher.clock,
+        health=dispatcher.config.health,
+        shutdown_grace_s=dispatcher.config.shutdown_grace_s,
+    )
 
 
 def interrupted_attempt(claim: Claim, now: float, detail: str) -> Attempt:

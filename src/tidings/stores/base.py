@@ -10,13 +10,42 @@ from typing import Any
 from tidings.auth import ApiKey
 from tidings.health import Health, HealthPolicy
 from tidings.models import (
+    Attempt,
     Claim,
     Endpoint,
+    ErrorClass,
     NewNotification,
     Notification,
     NotificationStatus,
     Outcome,
 )
+
+# The lease owner of a delivery handed over to a queue subscriber group: `queue:<group>`.
+HAND_OVER_PREFIX = "queue:"
+
+
+def lost_attempt(delivery_id: str, number: int, now: float, *, timed_out: bool) -> Attempt:
+    """The record of an attempt whose lease ran out: a queue subscriber group that did not
+    answer in time (`timed_out`), or a dispatcher that stopped mid-attempt."""
+    if timed_out:
+        error_class, detail = (
+            ErrorClass.TIMEOUT,
+            "the queue subscriber group did not answer before the next attempt was due",
+        )
+    else:
+        error_class, detail = (
+            ErrorClass.INTERRUPTED,
+            "the dispatcher holding this attempt stopped before recording it; its lease ran out",
+        )
+    return Attempt(
+        delivery_id=delivery_id,
+        number=number,
+        started_at=now,
+        duration_ms=0.0,
+        succeeded=False,
+        error_class=error_class,
+        error_detail=detail,
+    )
 
 
 @dataclass(frozen=True)
@@ -125,6 +154,20 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def release(self, claims: Sequence[Claim], now: float) -> None:
         """Hand claimed deliveries back untried (shutdown), due at once."""
+
+    @abc.abstractmethod
+    async def hand_over(self, claim: Claim, until: float, owner: str) -> bool:
+        """Pass a claimed delivery to a queue subscriber group until `until`.
+
+        The delivery stays `delivering`, leased to `owner` (`queue:<group>`). When the lease
+        runs out unanswered, the next claim records the attempt as a `timeout`, not as a
+        crash. Returns False, changing nothing, when `claim` no longer holds the delivery.
+        """
+
+    @abc.abstractmethod
+    async def get_claim(self, delivery_id: str, attempt_number: int) -> Claim | None:
+        """The claim of an attempt still in flight, rebuilt to record its outcome; None
+        when that attempt is over (answered, taken back, or the delivery is gone)."""
 
     @abc.abstractmethod
     async def record_outcomes(

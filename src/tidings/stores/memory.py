@@ -27,7 +27,7 @@ from tidings.models import (
     OutcomeKind,
     new_id,
 )
-from tidings.stores.base import NotificationQuery, Page, Store
+from tidings.stores.base import HAND_OVER_PREFIX, NotificationQuery, Page, Store, lost_attempt
 
 log = logging.getLogger(__name__)
 
@@ -342,14 +342,17 @@ class MemoryStore(Store):
         """Lease `rows`; record lost attempts; refuse attempts past the window."""
         claims: list[Claim] = []
         for row in rows:
-            # A delivery still leased when its lease ran out lost its holder mid-attempt.
+            # A delivery still leased when its lease ran out lost its holder mid-attempt,
+            # unless it was handed to a queue subscriber group that did not answer in time.
             reclaimed = row.status is DeliveryStatus.DELIVERING
-            row.crashes += 1 if reclaimed else 0
+            timed_out = reclaimed and (row.lease_owner or "").startswith(HAND_OVER_PREFIX)
+            crashed = reclaimed and not timed_out
+            row.crashes += 1 if crashed else 0
             row.attempt_count += 1
             row.move(DeliveryStatus.DELIVERING, now + lease_s, now, owner)
             if reclaimed:
-                self._record_lost_attempt(row, now)
-            if now > row.deadline_at or (reclaimed and row.crashes >= max_crashes):
+                self._record_lost_attempt(row, now, timed_out=timed_out)
+            if now > row.deadline_at or (crashed and row.crashes >= max_crashes):
                 row.attempt_count -= 1
                 row.move(DeliveryStatus.EXHAUSTED, None, now)
                 log.error(
@@ -361,21 +364,12 @@ class MemoryStore(Store):
             claims.append(self._claim(row))
         return claims
 
-    def _record_lost_attempt(self, row: _DeliveryRow, now: float) -> None:
+    def _record_lost_attempt(self, row: _DeliveryRow, now: float, *, timed_out: bool) -> None:
         # The lost attempt is the one numbered just before this claim's.
         number = row.attempt_count - 1
         if number < 1 or number in row.attempts:
             return
-        row.attempts[number] = Attempt(
-            delivery_id=row.id,
-            number=number,
-            started_at=now,
-            duration_ms=0.0,
-            succeeded=False,
-            error_class=ErrorClass.INTERRUPTED,
-            error_detail="the dispatcher holding this attempt stopped before recording it; "
-            "its lease ran out",
-        )
+        row.attempts[number] = lost_attempt(row.id, number, now, timed_out=timed_out)
 
     def _claim(self, row: _DeliveryRow) -> Claim:
         notification = self._notifications[row.notification_id]
@@ -406,6 +400,20 @@ class MemoryStore(Store):
                 row.move(DeliveryStatus.PENDING, now, now)
                 row.attempt_count -= 1
 
+    async def hand_over(self, claim: Claim, until: float, owner: str) -> bool:
+        row = self._current(claim)
+        if row is None:
+            return False
+        row.next_attempt_at, row.lease_owner = until, owner
+        return True
+
+    async def get_claim(self, delivery_id: str, attempt_number: int) -> Claim | None:
+        row = self._deliveries.get(delivery_id)
+        in_flight = row is not None and row.status is DeliveryStatus.DELIVERING
+        if row is None or not in_flight or row.attempt_count != attempt_number:
+            return None
+        return self._claim(row)
+
     def _current(self, claim: Claim) -> _DeliveryRow | None:
         """The delivery row if `claim` still holds it (no one reclaimed it since)."""
         row = self._deliveries[claim.delivery_id]  # deliveries are never deleted
@@ -428,6 +436,9 @@ class MemoryStore(Store):
         self, outcomes: Sequence[Outcome], now: float, policy: HealthPolicy
     ) -> list[str]:
         """Feed the circuit breakers; returns endpoints disabled for failing too long."""
+        # An attempt the dispatcher cut short itself (its store went away, it stopped) says
+        # nothing about the receiver: it must not open the endpoint's circuit.
+        outcomes = [o for o in outcomes if o.attempt.error_class is not ErrorClass.INTERRUPTED]
         disabled = []
         for endpoint_id in sorted({o.claim.endpoint_id for o in outcomes}):
             endpoint = self._endpoints.get(endpoint_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -31,7 +31,13 @@ from tidings.models import (
     new_id,
 )
 from tidings.schedule import RetrySchedule
-from tidings.stores.base import NotificationQuery, Page, Store
+from tidings.stores.base import (
+    HAND_OVER_PREFIX,
+    NotificationQuery,
+    Page,
+    Store,
+    lost_attempt,
+)
 from tidings.stores.engine import create_engine_for
 from tidings.stores.migrate import upgrade_async
 from tidings.stores.tables import (
@@ -50,6 +56,8 @@ log = logging.getLogger(__name__)
 _INBOX_BATCH = 500
 
 _LIVE = (DeliveryStatus.PENDING.value, DeliveryStatus.DELIVERING.value)
+# Marks, inside one claim, the rows whose lease was a hand-over to a queue subscriber group.
+_TAKEN_BACK = "tidings:taken-back"
 
 
 def _health_from_row(row: Any) -> Health:
@@ -898,19 +906,23 @@ class SqlStore(Store):
     ) -> list[Claim]:
         """Lease the deliveries `due` selects; record lost attempts; refuse late ones."""
         d = deliveries.c
+        was_leased = d.status == DeliveryStatus.DELIVERING.value
+        # A queue subscriber group that did not answer in time is not a crash.
+        was_handed_over = sa.and_(was_leased, d.lease_owner.startswith(HAND_OVER_PREFIX))
         claim = (
             deliveries.update()
             .where(d.id.in_(due.scalar_subquery()), d.next_attempt_at <= now)
             .values(
                 # Right-hand sides see the old row: a lease that ran out means the
                 # process holding it died (or stalled) mid-attempt.
-                reclaimed=d.status == DeliveryStatus.DELIVERING.value,
+                reclaimed=was_leased,
                 crashes=d.crashes
-                + sa.case((d.status == DeliveryStatus.DELIVERING.value, 1), else_=0),
+                + sa.case((sa.and_(was_leased, sa.not_(was_handed_over)), 1), else_=0),
                 status=DeliveryStatus.DELIVERING.value,
                 attempt_count=d.attempt_count + 1,
                 next_attempt_at=now + lease_s,
-                lease_owner=owner,
+                # RETURNING shows the new row only: the marker tells which were hand-overs.
+                lease_owner=sa.case((was_handed_over, _TAKEN_BACK), else_=owner),
                 updated_at=now,
             )
             .returning(
@@ -921,20 +933,27 @@ class SqlStore(Store):
                 d.deadline_at,
                 d.reclaimed,
                 d.crashes,
+                d.lease_owner,
             )
         )
         leased = (await conn.execute(claim)).all()
         if not leased:
             return []
+        taken_back = {row.id for row in leased if row.lease_owner == _TAKEN_BACK}
+        if taken_back:
+            await conn.execute(
+                deliveries.update().where(d.id.in_(sorted(taken_back))).values(lease_owner=owner)
+            )
         lost = [row for row in leased if row.reclaimed]
         if lost:
-            await self._record_lost_attempts(conn, lost, now)
+            await self._record_lost_attempts(conn, lost, now, timed_out=taken_back)
         # No attempt after the window: a delivery found due too late (the dispatchers were
         # down, say) is exhausted without one.
         doomed = {
             row.id
             for row in leased
-            if now > row.deadline_at or (row.reclaimed and row.crashes >= max_crashes)
+            if now > row.deadline_at
+            or (row.reclaimed and row.id not in taken_back and row.crashes >= max_crashes)
         }
         if doomed:
             await conn.execute(
@@ -974,21 +993,16 @@ class SqlStore(Store):
         ]
 
     async def _record_lost_attempts(
-        self, conn: AsyncConnection, lost: Sequence[Row[Any]], now: float
+        self,
+        conn: AsyncConnection,
+        lost: Sequence[Row[Any]],
+        now: float,
+        timed_out: Collection[str] = (),
     ) -> None:
         # The lost attempt is the one numbered just before this claim's.
         lost_attempts = [
             _attempt_values(
-                Attempt(
-                    delivery_id=row.id,
-                    number=row.attempt_count - 1,
-                    started_at=now,
-                    duration_ms=0.0,
-                    succeeded=False,
-                    error_class=ErrorClass.INTERRUPTED,
-                    error_detail="the dispatcher holding this attempt stopped before "
-                    "recording it; its lease ran out",
-                )
+                lost_attempt(row.id, row.attempt_count - 1, now, timed_out=row.id in timed_out)
             )
             for row in lost
             if row.attempt_count > 1
@@ -1048,6 +1062,49 @@ class SqlStore(Store):
                         updated_at=now,
                     )
                 )
+
+    async def hand_over(self, claim: Claim, until: float, owner: str) -> bool:
+        d = deliveries.c
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                deliveries.update()
+                .where(
+                    d.id == claim.delivery_id,
+                    d.attempt_count == claim.attempt_number,
+                    d.status == DeliveryStatus.DELIVERING.value,
+                )
+                .values(lease_owner=owner, next_attempt_at=until)
+            )
+            return bool(result.rowcount == 1)
+
+    async def get_claim(self, delivery_id: str, attempt_number: int) -> Claim | None:
+        d, n = deliveries.c, notifications.c
+        async with self.reader.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(d.id, d.notification_id, d.endpoint_id, d.deadline_at)
+                    .add_columns(n.body, n.content_type, n.topic, n.created_at)
+                    .join(notifications, n.id == d.notification_id)
+                    .where(
+                        d.id == delivery_id,
+                        d.attempt_count == attempt_number,
+                        d.status == DeliveryStatus.DELIVERING.value,
+                    )
+                )
+            ).first()
+        if row is None:
+            return None
+        return Claim(
+            delivery_id=row.id,
+            notification_id=row.notification_id,
+            endpoint_id=row.endpoint_id,
+            attempt_number=attempt_number,
+            body=row.body,
+            content_type=row.content_type,
+            topic=row.topic,
+            created_at=row.created_at,
+            deadline_at=row.deadline_at,
+        )
 
     async def record_outcomes(
         self, outcomes: Sequence[Outcome], now: float, policy: HealthPolicy | None = None
@@ -1187,9 +1244,12 @@ class SqlStore(Store):
             "failing_since": health.failing_since,
             "circuit_open_until": health.circuit_open_until,
             "circuit_opens": health.circuit_opens,
-            "next_slot_at": health.next_slot_at,
         }
         if exists:
+            # Only the gate moves the rate limiter's slot, under its row lock; writing back
+            # the value read here could undo a claim made meanwhile by another dispatcher.
+            # Limitation: two dispatchers recording failures for one endpoint at the same
+            # moment may each count from the same old value (one failure goes uncounted).
             await conn.execute(
                 endpoint_health.update()
                 .where(endpoint_health.c.endpoint_id == endpoint_id)

@@ -454,6 +454,131 @@ async def test_releasing_a_claim_taken_over_by_another_owner_changes_nothing(
     assert delivery.next_attempt_at == T0 + 2 * LEASE_S
 
 
+# hand-overs to queue subscriber groups -----------------------------------------------------
+
+GROUP_OWNER = "queue:accounts"
+
+
+async def test_a_handed_over_delivery_stays_in_flight_for_the_group_until_it_comes_back(
+    store: Store,
+) -> None:
+    await add_endpoint(store)
+    sent = await send(store)
+    (held,) = await claim(store, T0, owner="owner-a")
+
+    assert await store.hand_over(held, T0 + 100, GROUP_OWNER) is True
+
+    delivery = await only_delivery(store, sent.id)
+    assert (delivery.status, delivery.attempt_count) == (DeliveryStatus.DELIVERING, 1)
+    assert delivery.next_attempt_at == T0 + 100
+    # The dispatcher no longer holds it: its heartbeat does not touch it...
+    assert await store.renew_leases(owner="owner-a", now=T0 + 10, lease_s=LEASE_S) == 0
+    # ...and the dispatcher's lease running out does not make it due.
+    assert await claim(store, T0 + LEASE_S + 1, owner="owner-b") == []
+    assert await claim(store, T0 + 99.9, owner="owner-b") == []
+    assert [c.attempt_number for c in await claim(store, T0 + 100, owner="owner-b")] == [2]
+
+
+async def test_an_expired_hand_over_is_recorded_as_a_timeout_and_never_counts_as_a_crash(
+    store: Store,
+) -> None:
+    await add_endpoint(store)
+    sent = await send(store)
+
+    numbers = []
+    for step in range(4):
+        now = T0 + step * 100
+        (held,) = await claim(store, now, owner=f"owner-{step}", max_crashes=1)
+        numbers.append(held.attempt_number)
+        assert await store.hand_over(held, now + 100, GROUP_OWNER)
+
+    assert numbers == [1, 2, 3, 4]
+    delivery = await only_delivery(store, sent.id)
+    assert (delivery.status, delivery.attempt_count) == (DeliveryStatus.DELIVERING, 4)
+    assert [(a.number, a.error_class, a.succeeded) for a in delivery.attempts] == [
+        (1, ErrorClass.TIMEOUT, False),
+        (2, ErrorClass.TIMEOUT, False),
+        (3, ErrorClass.TIMEOUT, False),
+    ]
+    assert [a.started_at for a in delivery.attempts] == [T0 + 100, T0 + 200, T0 + 300]
+    # The claim that took it back holds it like any other: its heartbeat renews it.
+    assert await store.renew_leases(owner="owner-3", now=T0 + 300, lease_s=LEASE_S) == 0
+    (taken,) = await claim(store, T0 + 400, owner="owner-4", max_crashes=1)
+    assert await store.renew_leases(owner="owner-4", now=T0 + 401, lease_s=LEASE_S) == 1
+    # A crash after hand-overs is still a crash: with max_crashes=1 the next loss ends it.
+    assert await claim(store, T0 + 401 + LEASE_S, owner="owner-5", max_crashes=1) == []
+    delivery = await only_delivery(store, sent.id)
+    assert delivery.status is DeliveryStatus.EXHAUSTED
+    assert [a.error_class for a in delivery.attempts][-2:] == [
+        ErrorClass.TIMEOUT,
+        ErrorClass.INTERRUPTED,
+    ]
+    assert taken.attempt_number == 5
+
+
+async def test_a_hand_over_that_runs_out_after_the_window_exhausts_the_delivery(
+    store: Store,
+) -> None:
+    await add_endpoint(store, window_s=60.0)
+    sent = await send(store)
+    (held,) = await claim(store, T0)
+    await store.hand_over(held, T0 + 61, GROUP_OWNER)
+
+    assert await claim(store, T0 + 61, owner="owner-b") == []
+
+    delivery = await only_delivery(store, sent.id)
+    assert (delivery.status, delivery.next_attempt_at) == (DeliveryStatus.EXHAUSTED, None)
+    assert [(a.number, a.error_class) for a in delivery.attempts] == [(1, ErrorClass.TIMEOUT)]
+    assert await status_of(store, sent.id) is NotificationStatus.EXHAUSTED
+
+
+async def test_the_claim_of_a_handed_over_attempt_is_rebuilt_to_record_its_answer(
+    store: Store,
+) -> None:
+    await add_endpoint(store)
+    sent = await send(store)
+    (held,) = await claim(store, T0)
+    await store.hand_over(held, T0 + 100, GROUP_OWNER)
+
+    rebuilt = await store.get_claim(held.delivery_id, 1)
+
+    assert rebuilt == held
+    await store.record_outcomes([finished(held, OutcomeKind.DELIVERED, 200, at=T0 + 3)], T0 + 3)
+    delivery = await only_delivery(store, sent.id)
+    assert (delivery.status, delivery.next_attempt_at) == (DeliveryStatus.DELIVERED, None)
+    assert [(a.number, a.succeeded) for a in delivery.attempts] == [(1, True)]
+    assert await store.get_claim(held.delivery_id, 1) is None  # answered: over
+
+
+async def test_there_is_no_claim_for_an_attempt_not_in_flight(store: Store) -> None:
+    await add_endpoint(store)
+    await send(store)
+    (held,) = await claim(store, T0)
+    await store.hand_over(held, T0 + 100, GROUP_OWNER)
+
+    assert await store.get_claim(held.delivery_id, 2) is None  # not made yet
+    assert await store.get_claim("dlv_unknown", 1) is None
+    await claim(store, T0 + 100, owner="owner-b")
+    assert await store.get_claim(held.delivery_id, 1) is None  # taken back: over
+    assert await store.get_claim(held.delivery_id, 2) is not None
+
+
+async def test_handing_over_a_claim_taken_over_by_another_owner_changes_nothing(
+    store: Store,
+) -> None:
+    await add_endpoint(store)
+    sent = await send(store)
+    (stale,) = await claim(store, T0, owner="owner-a")
+    await claim(store, T0 + LEASE_S, owner="owner-b")
+
+    assert await store.hand_over(stale, T0 + 500, GROUP_OWNER) is False
+
+    delivery = await only_delivery(store, sent.id)
+    assert (delivery.status, delivery.attempt_count) == (DeliveryStatus.DELIVERING, 2)
+    assert delivery.next_attempt_at == T0 + 2 * LEASE_S
+    assert await store.renew_leases(owner="owner-b", now=T0 + 40, lease_s=LEASE_S) == 1
+
+
 # outcomes --------------------------------------------------------------------------------
 
 

@@ -161,7 +161,7 @@ async def test_an_endpoint_failing_too_long_is_disabled_and_operators_are_told(
     tidings = await tidings_factory(disable_after_s=1.0, breaker_threshold=1000)
     broken, ops = await receiver(), await receiver()
     broken.script("/hook", Reply(status=500))
-    endpoint = await tidings.add_endpoint(broken.url(), retry_schedule=["0.3s"], window="1.2s")
+    endpoint = await tidings.add_endpoint(broken.url(), retry_schedule=["0.3s"], window="2.5s")
     await tidings.add_endpoint(
         ops.url("/ops"), topics=["tidings.endpoint.disabled", "tidings.delivery.exhausted"]
     )

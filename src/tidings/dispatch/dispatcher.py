@@ -16,7 +16,6 @@ from tidings.brokers.base import Broker
 from tidings.clock import Clock, SystemClock
 from tidings.dispatch.endpoints import EndpointCache
 from tidings.dispatch.http import HttpResult, HttpSender
-from tidings.dispatch.operational import announce
 from tidings.dispatch.outcome import decide_http
 from tidings.health import HealthPolicy
 from tidings.models import (
@@ -27,6 +26,7 @@ from tidings.models import (
     Outcome,
     OutcomeKind,
 )
+from tidings.operational import announce
 from tidings.stores.base import Store
 
 if TYPE_CHECKING:

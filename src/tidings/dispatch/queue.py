@@ -30,10 +30,10 @@ from tidings.brokers.base import Broker
 from tidings.brokers.rabbitmq import redact_url
 from tidings.clock import Clock
 from tidings.dispatch.endpoints import EndpointCache
-from tidings.dispatch.operational import announce
 from tidings.dispatch.outcome import decide_outcome
 from tidings.health import HealthPolicy
 from tidings.models import Attempt, Claim, Endpoint, ErrorClass, Outcome, OutcomeKind
+from tidings.operational import announce
 from tidings.signing import webhook_headers
 from tidings.stores.base import HAND_OVER_PREFIX, Store
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Collection, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Row
@@ -30,6 +30,7 @@ from tidings.models import (
     OutcomeKind,
     new_id,
 )
+from tidings.operational import DELIVERY_EXHAUSTED, exhausted_notice
 from tidings.schedule import RetrySchedule
 from tidings.stores.base import (
     HAND_OVER_PREFIX,
@@ -235,6 +236,13 @@ _MOVE_ON = (
         updated_at=sa.bindparam("b_now"),
     )
 )
+
+
+class _Unattempted(NamedTuple):
+    id: str
+    notification_id: str
+    endpoint_id: str
+    attempt_count: int
 
 
 class SqlStore(Store):
@@ -891,9 +899,58 @@ class SqlStore(Store):
                 d.deadline_at < now,
             )
             .values(status=DeliveryStatus.EXHAUSTED.value, next_attempt_at=None, updated_at=now)
-            .returning(d.notification_id)
+            .returning(d.id, d.notification_id, d.endpoint_id, d.attempt_count)
         )
-        await self._refresh_status(conn, {row.notification_id for row in expired})
+        rows = expired.all()
+        await self._refresh_status(conn, {row.notification_id for row in rows})
+        await self._announce_unattempted(conn, rows, now, "held back until the window closed")
+
+    async def _announce_unattempted(
+        self, conn: AsyncConnection, rows: Sequence[Any], now: float, why: str
+    ) -> None:
+        """Tell `tidings.delivery.exhausted` subscribers, in the same transaction."""
+        if not rows:
+            return
+        n = notifications.c
+        topics = {
+            row.id: row.topic
+            for row in await conn.execute(
+                sa.select(n.id, n.topic).where(n.id.in_(sorted({r.notification_id for r in rows})))
+            )
+        }
+        notices = [
+            exhausted_notice(
+                notification_id=row.notification_id,
+                delivery_id=row.id,
+                endpoint_id=row.endpoint_id,
+                topic=topics.get(row.notification_id, ""),
+                attempts=row.attempt_count,
+                last_status_code=None,
+                last_error=why,
+            )
+            for row in rows
+        ]
+        wanted = [notice for notice in notices if notice is not None]
+        if not wanted:
+            return
+        t = endpoint_topics.c
+        routes: dict[str, float] = {
+            row.id: row.window_s
+            for row in await conn.execute(
+                sa.select(endpoints.c.id, endpoints.c.window_s)
+                .join(endpoint_topics, endpoints.c.id == t.endpoint_id)
+                .where(t.topic.in_([DELIVERY_EXHAUSTED, "*"]), endpoints.c.enabled.is_(True))
+            )
+        }
+        keys = [notice.idempotency_key for notice in wanted]
+        seen = {
+            row.idempotency_key
+            for row in await conn.execute(
+                sa.select(n.idempotency_key).where(n.idempotency_key.in_(keys))
+            )
+        }
+        fresh = [(notice, now, routes) for notice in wanted if notice.idempotency_key not in seen]
+        await self._insert_fresh(conn, fresh)
 
     async def _lease(
         self,
@@ -969,6 +1026,18 @@ class SqlStore(Store):
             )
             await self._refresh_status(
                 conn, {row.notification_id for row in leased if row.id in doomed}
+            )
+            await self._announce_unattempted(
+                conn,
+                [
+                    _Unattempted(
+                        row.id, row.notification_id, row.endpoint_id, row.attempt_count - 1
+                    )
+                    for row in leased
+                    if row.id in doomed
+                ],
+                now,
+                "window closed or dispatcher died mid-attempt",
             )
             log.error(
                 "gave up on %d deliveries: window closed or dispatcher died mid-attempt",

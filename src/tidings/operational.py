@@ -26,6 +26,39 @@ def _body(payload: dict[str, object]) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode("utf-8")
 
 
+def exhausted_notice(
+    *,
+    notification_id: str,
+    delivery_id: str,
+    endpoint_id: str,
+    topic: str,
+    attempts: int,
+    last_status_code: int | None,
+    last_error: str | None,
+) -> NewNotification | None:
+    """The `tidings.delivery.exhausted` notification for one delivery given up.
+
+    None for Tidings' own notifications: a failing subscriber would feed itself.
+    """
+    if topic.startswith(_OWN_PREFIX):
+        return None
+    payload = {
+        "notification_id": notification_id,
+        "delivery_id": delivery_id,
+        "endpoint_id": endpoint_id,
+        "topic": topic,
+        "attempts": attempts,
+        "last_status_code": last_status_code,
+        "last_error": last_error,
+    }
+    return NewNotification(
+        topic=DELIVERY_EXHAUSTED,
+        body=_body(payload),
+        key=notification_id,
+        idempotency_key=f"{DELIVERY_EXHAUSTED}:{delivery_id}:{attempts}",
+    )
+
+
 async def announce(
     store: Store,
     broker: Broker,
@@ -36,30 +69,21 @@ async def announce(
     """Send the operational notifications a batch of outcomes calls for."""
     news: list[NewNotification] = []
     for outcome in outcomes:
-        # Never about Tidings' own notifications: a failing subscriber would feed itself.
-        if outcome.kind is OutcomeKind.EXHAUSTED and not outcome.claim.topic.startswith(
-            _OWN_PREFIX
-        ):
+        if outcome.kind is OutcomeKind.EXHAUSTED:
             claim = outcome.claim
-            payload = {
-                "notification_id": claim.notification_id,
-                "delivery_id": claim.delivery_id,
-                "endpoint_id": claim.endpoint_id,
-                "topic": claim.topic,
-                "attempts": claim.attempt_number,
-                "last_status_code": outcome.attempt.status_code,
-                "last_error": outcome.attempt.error_class.value
+            notice = exhausted_notice(
+                notification_id=claim.notification_id,
+                delivery_id=claim.delivery_id,
+                endpoint_id=claim.endpoint_id,
+                topic=claim.topic,
+                attempts=claim.attempt_number,
+                last_status_code=outcome.attempt.status_code,
+                last_error=outcome.attempt.error_class.value
                 if outcome.attempt.error_class
                 else None,
-            }
-            news.append(
-                NewNotification(
-                    topic=DELIVERY_EXHAUSTED,
-                    body=_body(payload),
-                    key=claim.notification_id,
-                    idempotency_key=f"{DELIVERY_EXHAUSTED}:{claim.delivery_id}:{claim.attempt_number}",
-                )
             )
+            if notice is not None:
+                news.append(notice)
     for endpoint_id in disabled_endpoint_ids:
         news.append(
             NewNotification(

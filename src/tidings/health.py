@@ -16,7 +16,9 @@ RATE_TOLERANCE_S = 0.25
 class HealthPolicy:
     """When a failing endpoint's circuit opens, for how long, and when it is disabled."""
 
-    breaker_threshold: int = 5  # consecutive failed attempts that open the circuit
+    # Consecutive failed attempts that open the circuit: high enough that a receiver
+    # failing a third of requests at random (runs of 5 are common) does not trip it.
+    breaker_threshold: int = 20
     breaker_cooldown_s: float = 30.0  # first pause; doubles on each reopening
     breaker_max_cooldown_s: float = 600.0
     disable_after_s: float = 5 * 86400.0  # failing this long without a success: disabled

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     # for deliveries whose message was lost.
     store_poll_interval_s: float = Field(default=2.0, gt=0)
     max_crashes: int = Field(default=3, ge=1)
-    breaker_threshold: int = Field(default=5, ge=1)
+    breaker_threshold: int = Field(default=20, ge=1)
     breaker_cooldown_s: float = Field(default=30.0, gt=0)
     breaker_max_cooldown_s: float = Field(default=600.0, gt=0)
     disable_after_s: float = Field(default=5 * 86400.0, gt=0)

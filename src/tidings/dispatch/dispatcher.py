@@ -81,6 +81,10 @@ class Dispatcher:
         self._endpoint_slots: dict[str, asyncio.Semaphore] = {}
         self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
         self._room = asyncio.Event()
+        # Claims one endpoint may hold: its attempts in flight plus a few waiting, but never
+        # so many that a few hanging endpoints fill every slot of the dispatcher.
+        concurrency = config.endpoint_concurrency
+        self._hold_cap = min(2 * concurrency, max(concurrency, config.max_in_flight // 4))
         self._freed = asyncio.Event()
         self._attempts: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
@@ -152,7 +156,7 @@ class Dispatcher:
             announced = await self._wait_due()
 
     def _busy_endpoints(self) -> list[str]:
-        cap = self.config.endpoint_concurrency * 2
+        cap = self._hold_cap
         return [ep for ep, held in self._held_per_endpoint.items() if held >= cap]
 
     async def _wait_due(self) -> list[str] | None:
@@ -202,7 +206,7 @@ class Dispatcher:
             self._held_per_endpoint.pop(claim.endpoint_id, None)
         else:
             self._held_per_endpoint[claim.endpoint_id] = left
-        if left == self.config.endpoint_concurrency * 2 - 1:
+        if left == self._hold_cap - 1:
             # The endpoint was left out of the last claim for being busy; it has room
             # again, and it may have work waiting: claim now rather than at the next poll.
             self._freed.set()

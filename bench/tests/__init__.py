@@ -1,0 +1,1 @@
+"""Checks of the benchmark harness itself (run: pytest bench/tests)."""

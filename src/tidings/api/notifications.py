@@ -37,6 +37,7 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     422: {"model": ErrorOut},
 }
 MAX_PAGE = 500
+_JSON = "application/json"
 
 
 def _service(request: Request) -> Service:
@@ -84,9 +85,7 @@ def encode_payload(body: NotificationIn) -> tuple[bytes, str]:
 
 
 @router.post("", status_code=201, response_model=NotificationOut, responses=_ERRORS)
-async def send_notification(
-    body: NotificationIn, request: Request, response: Response, key: Sender
-) -> NotificationOut:
+async def send_notification(body: NotificationIn, request: Request, key: Sender) -> Response:
     """Accept a notification and fan it out to every endpoint of its topic.
 
     A repeated `idempotency_key` answers 200 with the first notification.
@@ -104,9 +103,10 @@ async def send_notification(
         idempotency_key=body.idempotency_key,
     )
     notification, created = await _service(request).send(new)
-    if not created:
-        response.status_code = 200
-    return NotificationOut.of(notification, with_attempts=not created)
+    # Serialised here rather than by FastAPI, which would validate the model a second time
+    # and walk it with jsonable_encoder: a fifth of the cost of a send under load.
+    shown = NotificationOut.of(notification, with_attempts=not created)
+    return Response(shown.model_dump_json(), status_code=201 if created else 200, media_type=_JSON)
 
 
 def _parse_time(value: str | None, field: str) -> float | None:

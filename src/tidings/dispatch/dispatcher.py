@@ -273,6 +273,8 @@ class Dispatcher:
         self._outcomes.put_nowait(outcome)
 
     def _log_outcome(self, outcome: Outcome, result: HttpResult) -> None:
+        if outcome.kind is OutcomeKind.DELIVERED and not log.isEnabledFor(logging.DEBUG):
+            return  # the common case: nothing to say, and nothing to build
         fields = {
             "notification_id": outcome.claim.notification_id,
             "delivery_id": outcome.claim.delivery_id,

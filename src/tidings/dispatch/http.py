@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = "Tidings/0.1 (+best-effort notification)"
 _ERROR_DETAIL_CHARS = 500
+_CHECKED_URLS_MAX = 100_000
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ class HttpSender:
         self._max_connections = max_connections
         self._inner_resolver = resolver
         self._session: aiohttp.ClientSession | None = None
+        self._checked_urls: set[str] = set()
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     async def start(self) -> None:
         """Open the session; its connector checks every resolved address."""
@@ -160,12 +163,19 @@ class HttpSender:
         headers = webhook_headers(secrets, msg_id, int(started_at), body)
         headers["Content-Type"] = content_type
         headers["Tidings-Attempt"] = str(attempt_number)
-        timeout = aiohttp.ClientTimeout(
-            total=timeout_s, sock_connect=min(self.connect_timeout_s, timeout_s)
-        )
+        timeout = self._timeouts.get(timeout_s)
+        if timeout is None:
+            timeout = self._timeouts[timeout_s] = aiohttp.ClientTimeout(
+                total=timeout_s, sock_connect=min(self.connect_timeout_s, timeout_s)
+            )
         try:
-            # Literal IP hosts never reach the resolver, so check the URL every time.
-            self.guard.check_url(url)
+            # Literal IP hosts never reach the resolver, so each URL is checked here too;
+            # the verdict on a URL never changes while the guard's settings do not.
+            if url not in self._checked_urls:
+                self.guard.check_url(url)
+                if len(self._checked_urls) > _CHECKED_URLS_MAX:
+                    self._checked_urls.clear()
+                self._checked_urls.add(url)
             async with asyncio.timeout(timeout_s):
                 async with self._session.post(
                     url, data=body, headers=headers, allow_redirects=False, timeout=timeout

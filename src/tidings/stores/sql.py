@@ -783,20 +783,21 @@ class SqlStore(Store):
         max_crashes: int = 3,
     ) -> list[Claim]:
         d = deliveries.c
-        gated = await self._gated(now)
-        excluded = [*exclude_endpoints, *gated]
-        due = (
-            sa.select(d.id)
-            .where(d.next_attempt_at <= now)
-            .order_by(d.next_attempt_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        if excluded:
-            due = due.where(d.endpoint_id.not_in(excluded))
-        if delivery_ids is not None:
-            due = due.where(d.id.in_(list(delivery_ids)))
         async with self.engine.begin() as conn:
+            # Read in the claim's own transaction: one snapshot, and no second connection.
+            gated = await self._gated(conn, now)
+            excluded = [*exclude_endpoints, *gated]
+            due = (
+                sa.select(d.id)
+                .where(d.next_attempt_at <= now)
+                .order_by(d.next_attempt_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            if excluded:
+                due = due.where(d.endpoint_id.not_in(excluded))
+            if delivery_ids is not None:
+                due = due.where(d.id.in_(list(delivery_ids)))
             claims = await self._lease(conn, due, now, lease_s, owner, max_crashes)
         for endpoint_id, has_due in gated.items():
             room = limit - len(claims)
@@ -808,7 +809,7 @@ class SqlStore(Store):
                 )
         return claims
 
-    async def _gated(self, now: float) -> dict[str, bool]:
+    async def _gated(self, conn: AsyncConnection, now: float) -> dict[str, bool]:
         """Every endpoint whose claims go through the gate, and whether it has work due.
 
         All of them are kept out of the plain claim, not only those with work due now:
@@ -817,8 +818,7 @@ class SqlStore(Store):
         h, d = endpoint_health.c, deliveries.c
         has_due = sa.exists().where(d.endpoint_id == h.endpoint_id, d.next_attempt_at <= now)
         query = sa.select(h.endpoint_id, has_due.label("has_due")).where(h.gated.is_(True))
-        async with self.reader.connect() as conn:
-            return {row.endpoint_id: bool(row.has_due) for row in await conn.execute(query)}
+        return {row.endpoint_id: bool(row.has_due) for row in await conn.execute(query)}
 
     async def _claim_gated(
         self,

@@ -325,7 +325,7 @@ def list_(
     """List notifications, oldest first."""
     with _client(url, api_key) as client:
         _print(
-            client.list(
+            client.page(
                 topic=topic,
                 key=key,
                 status=status,

@@ -100,7 +100,7 @@ class Subscriber:
 
     The group's endpoint is found through the Tidings API, or registered there with
     `retry_schedule`, `window` and `timeout` (the time one message may take) when it does
-    not exist yet; registering needs an admin key when the API asks for keys.
+    not exist yet; both need an admin API key when the API asks for keys.
     """
 
     def __init__(

@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import secrets as random
 import signal
-import socket
 import sqlite3
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -19,14 +17,20 @@ from typing import Any, Final
 import psycopg
 import pytest
 import sqlalchemy as sa
-import uvicorn
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
 from psycopg import sql
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
-from tests.integration.harness import TOPIC, ReceiverFactory, Tidings, TidingsFactory, closed_port
+from tests.integration.harness import (
+    TOPIC,
+    ReceiverFactory,
+    Tidings,
+    TidingsFactory,
+    closed_port,
+    serve,
+)
 from tidings.api.app import create_app
 from tidings.client import Client
 from tidings.errors import ConfigurationError, InvalidInput, TidingsError
@@ -124,29 +128,6 @@ def outbox_rows(notifier: Notifier, table: sa.Table = OUTBOX) -> list[sa.Row[Any
 
 
 # the service over real HTTP ----------------------------------------------------------------
-
-
-@asynccontextmanager
-async def serve(app: Any) -> AsyncIterator[str]:
-    """Serve an ASGI app with uvicorn on a free port of 127.0.0.1, on this event loop."""
-    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
-    # and without it every keep-alive answer waits ~40 ms on a delayed ACK.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, lifespan="off", log_level="warning", ws="none", http="h11")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 @pytest.fixture

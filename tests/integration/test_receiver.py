@@ -8,7 +8,6 @@ import asyncio
 import json
 import re
 import secrets as random
-import socket
 import sqlite3
 import threading
 import time
@@ -24,13 +23,12 @@ import httpx
 import psycopg
 import pytest
 import sqlalchemy as sa
-import uvicorn
 from fastapi import Depends, FastAPI
 from psycopg import sql
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from tests.integration.harness import TOPIC, ReceiverFactory, Reply, Tidings, attempts_of
+from tests.integration.harness import TOPIC, ReceiverFactory, Reply, Tidings, attempts_of, serve
 from tidings.api.app import create_app
 from tidings.client import Client
 from tidings.receiver import AsyncDeduplicator, Deduplicator, Handled, Verified
@@ -122,29 +120,6 @@ async def apply_async(conn: AsyncConnection, recharge_id: str, amount: int = 100
 
 
 # serving -----------------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def serve(app: Any) -> AsyncIterator[str]:
-    """Serve an ASGI app with uvicorn on a free port of 127.0.0.1, on this event loop."""
-    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
-    # and without it every keep-alive answer waits ~40 ms on a delayed ACK.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, lifespan="off", log_level="warning", ws="none", http="h11")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 class _Quiet(WSGIRequestHandler):

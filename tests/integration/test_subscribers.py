@@ -20,8 +20,7 @@ import aio_pika
 import pytest
 
 from tests.conftest import CI
-from tests.integration.harness import TOPIC, Tidings, TidingsFactory, attempts_of
-from tests.integration.test_outbox import serve
+from tests.integration.harness import TOPIC, Tidings, TidingsFactory, attempts_of, serve
 from tests.integration.test_rabbitmq_broker import (
     RABBITMQ_NAME,
     RABBITMQ_URL,

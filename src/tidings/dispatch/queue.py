@@ -311,6 +311,9 @@ class QueueDispatch:
             return decision.next_attempt_at
         # The last attempt: an answer counts until the window closes, and the claim that
         # takes it back after that gives the delivery up without another attempt.
+        # Limitation: a delivery given up that way (its group never answered) is exhausted by
+        # the store alone: it is not copied to the dead-letter queue, and its timeouts do not
+        # feed the circuit breaker; it stays listed as exhausted for reconciliation.
         return max(timed_out_at, math.nextafter(claim.deadline_at, math.inf))
 
     def _ready_publisher(self) -> AbstractRobustChannel:

@@ -420,9 +420,8 @@ class SqlStore(Store):
         self, items: Sequence[tuple[NewNotification, float]]
     ) -> list[tuple[Notification, bool]]:
         """Insert many notifications and their deliveries in one transaction."""
-        n, t = notifications.c, endpoint_topics.c
+        n = notifications.c
         keys = sorted({new.idempotency_key for new, _ in items if new.idempotency_key})
-        topics = sorted({new.topic for new, _ in items} | {"*"})
         async with self.engine.begin() as conn:
             known: dict[str, str] = {}
             if keys:
@@ -430,13 +429,7 @@ class SqlStore(Store):
                     sa.select(n.idempotency_key, n.id).where(n.idempotency_key.in_(keys))
                 )
                 known = {row.idempotency_key: row.id for row in found}
-            routes: dict[str, dict[str, float]] = {}
-            for row in await conn.execute(
-                sa.select(t.topic, endpoints.c.id, endpoints.c.window_s)
-                .join(endpoints, endpoints.c.id == t.endpoint_id)
-                .where(t.topic.in_(topics), endpoints.c.enabled.is_(True))
-            ):
-                routes.setdefault(row.topic, {})[row.id] = row.window_s
+            routes = await self._routes(conn, {new.topic for new, _ in items})
             plan: list[str | int] = []  # an earlier id, or an index into `fresh`
             fresh: list[tuple[NewNotification, float, dict[str, float]]] = []
             claimed_keys: dict[str, int] = {}
@@ -576,82 +569,23 @@ class SqlStore(Store):
         return None if found is None else await self.get_notification(found)
 
     async def _insert_notification(self, new: NewNotification, now: float) -> Notification:
-        notification_id = new_id("msg_")
         async with self.engine.begin() as conn:
-            targets = (
-                await conn.execute(
-                    sa.select(endpoints.c.id, endpoints.c.window_s)
-                    .join(endpoint_topics, endpoint_topics.c.endpoint_id == endpoints.c.id)
-                    .where(
-                        endpoint_topics.c.topic.in_((new.topic, "*")),
-                        endpoints.c.enabled.is_(True),
-                    )
-                    .distinct()
-                )
-            ).all()
-            status = NotificationStatus.PENDING if targets else NotificationStatus.UNROUTED
-            seq = (
-                await conn.execute(
-                    notifications.insert()
-                    .values(
-                        id=notification_id,
-                        topic=new.topic,
-                        key=new.key,
-                        idempotency_key=new.idempotency_key,
-                        content_type=new.content_type,
-                        body=new.body,
-                        status=status.value,
-                        created_at=now,
-                    )
-                    .returning(notifications.c.seq)
-                )
-            ).scalar_one()
-            made = [
-                Delivery(
-                    id=new_id("dlv_"),
-                    notification_id=notification_id,
-                    endpoint_id=target.id,
-                    status=DeliveryStatus.PENDING,
-                    attempt_count=0,
-                    next_attempt_at=now,
-                    deadline_at=now + target.window_s,
-                    created_at=now,
-                    updated_at=now,
-                )
-                for target in targets
-            ]
-            if made:
-                await conn.execute(
-                    deliveries.insert(),
-                    [
-                        {
-                            "id": d.id,
-                            "notification_id": d.notification_id,
-                            "endpoint_id": d.endpoint_id,
-                            "status": d.status.value,
-                            "attempt_count": 0,
-                            "next_attempt_at": d.next_attempt_at,
-                            "deadline_at": d.deadline_at,
-                            "reclaimed": False,
-                            "crashes": 0,
-                            "created_at": now,
-                            "updated_at": now,
-                        }
-                        for d in made
-                    ],
-                )
-        return Notification(
-            id=notification_id,
-            seq=seq,
-            topic=new.topic,
-            key=new.key,
-            idempotency_key=new.idempotency_key,
-            content_type=new.content_type,
-            body=new.body,
-            status=status,
-            created_at=now,
-            deliveries=tuple(made),
-        )
+            routes = await self._routes(conn, {new.topic})
+            targets = {**routes.get("*", {}), **routes.get(new.topic, {})}
+            [made] = await self._insert_fresh(conn, [(new, now, targets)])
+        return made
+
+    async def _routes(self, conn: AsyncConnection, topics: set[str]) -> dict[str, dict[str, float]]:
+        """Enabled endpoints (id -> window) by topic, for `topics` and the wildcard."""
+        t = endpoint_topics.c
+        routes: dict[str, dict[str, float]] = {}
+        for row in await conn.execute(
+            sa.select(t.topic, endpoints.c.id, endpoints.c.window_s)
+            .join(endpoints, endpoints.c.id == t.endpoint_id)
+            .where(t.topic.in_(sorted(topics | {"*"})), endpoints.c.enabled.is_(True))
+        ):
+            routes.setdefault(row.topic, {})[row.id] = row.window_s
+        return routes
 
     async def _one_snapshot(self, conn: AsyncConnection) -> None:
         """Make the reads on `conn` see one snapshot, so a record is never read half-written.
@@ -933,15 +867,8 @@ class SqlStore(Store):
         wanted = [notice for notice in notices if notice is not None]
         if not wanted:
             return
-        t = endpoint_topics.c
-        routes: dict[str, float] = {
-            row.id: row.window_s
-            for row in await conn.execute(
-                sa.select(endpoints.c.id, endpoints.c.window_s)
-                .join(endpoint_topics, endpoints.c.id == t.endpoint_id)
-                .where(t.topic.in_([DELIVERY_EXHAUSTED, "*"]), endpoints.c.enabled.is_(True))
-            )
-        }
+        found = await self._routes(conn, {DELIVERY_EXHAUSTED})
+        routes = {**found.get("*", {}), **found.get(DELIVERY_EXHAUSTED, {})}
         keys = [notice.idempotency_key for notice in wanted]
         seen = {
             row.idempotency_key

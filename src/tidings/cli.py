@@ -7,11 +7,14 @@ import json
 import os
 import sys
 import traceback
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from tidings.errors import TidingsError
+
+if TYPE_CHECKING:
+    from tidings.client import Client
 
 app = typer.Typer(
     help="Tidings: best-effort notification with retries and reconciliation.",
@@ -55,7 +58,7 @@ def _print(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
-def _client(url: str, api_key: str | None) -> Any:
+def _client(url: str, api_key: str | None) -> Client:
     from tidings.client import Client
 
     return Client(url, api_key)

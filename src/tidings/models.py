@@ -176,6 +176,9 @@ class Claim:
     topic: str
     created_at: float
     deadline_at: float
+    # A dispatcher died holding this delivery before: it may be what killed it, so it is
+    # attempted alone, with nothing else in flight to die with it.
+    suspect: bool = False
 
 
 class OutcomeKind(StrEnum):

@@ -154,6 +154,7 @@ class Service:
             excerpt_bytes=s.response_excerpt_bytes,
             shutdown_grace_s=s.shutdown_grace_s,
             jitter=s.jitter,
+            fault_injection=s.fault_injection,
             health=HealthPolicy(
                 breaker_threshold=s.breaker_threshold,
                 breaker_cooldown_s=s.breaker_cooldown_s,

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     # for deliveries whose message was lost.
     store_poll_interval_s: float = Field(default=2.0, gt=0)
     max_crashes: int = Field(default=3, ge=1)
+    # For the crash tests only: kill the dispatcher at a point ("after_claim",
+    # "before_record", optionally ":<topic>"). Never set it in production.
+    fault_injection: str | None = None
     breaker_threshold: int = Field(default=20, ge=1)
     breaker_cooldown_s: float = Field(default=30.0, gt=0)
     breaker_max_cooldown_s: float = Field(default=600.0, gt=0)

@@ -104,8 +104,11 @@ async def tidings_factory(
     running: list[Tidings] = []
 
     async def start(**overrides: Any) -> Tidings:
+        run_dispatcher = bool(overrides.pop("run_dispatcher", True))
         settings = Settings(**{**BASE_SETTINGS, "database_url": database_url, **overrides})
-        service = Service(settings, store=SqlStore(database_url), clock=clock)
+        service = Service(
+            settings, store=SqlStore(database_url), clock=clock, run_dispatcher=run_dispatcher
+        )
         await service.start()
         transport = httpx.ASGITransport(app=create_app(service, manage_lifecycle=False))
         client = httpx.AsyncClient(transport=transport, base_url="http://tidings.test")

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import random
+import signal
 import socket
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class DispatcherConfig:
     excerpt_bytes: int = 1024
     shutdown_grace_s: float = 10.0
     health: HealthPolicy = field(default_factory=HealthPolicy)
+    fault_injection: str | None = None  # crash tests only: see Dispatcher._maybe_crash
     jitter: float = 0.1
 
 
@@ -81,6 +83,8 @@ class Dispatcher:
         self._endpoint_slots: dict[str, asyncio.Semaphore] = {}
         self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
         self._room = asyncio.Event()
+        self._suspect: Claim | None = None  # being attempted alone; see _start_attempt
+        self._side_tasks: set[asyncio.Task[None]] = set()
         # Claims one endpoint may hold: its attempts in flight plus a few waiting, but never
         # so many that a few hanging endpoints fill every slot of the dispatcher.
         concurrency = config.endpoint_concurrency
@@ -126,6 +130,10 @@ class Dispatcher:
         announced: list[str] | None = None
         while not self._stop.is_set():
             room = self.config.max_in_flight - len(self._held)
+            if self._suspect is not None:
+                self._room.clear()
+                await self._room.wait()
+                continue
             if room <= 0:
                 self._room.clear()
                 await self._room.wait()
@@ -193,11 +201,61 @@ class Dispatcher:
     def _start_attempt(self, claim: Claim) -> None:
         self._held[claim.delivery_id] = claim
         self._held_per_endpoint[claim.endpoint_id] += 1
+        if not claim.suspect:
+            self._launch(claim)
+        elif self._suspect is None:
+            # Attempted alone once the others in flight are recorded; until then the claim
+            # loop takes nothing new, so a poison notification kills no innocent one.
+            self._suspect = claim
+            self._keep(asyncio.create_task(self._isolate(claim), name="tidings-suspect"))
+        else:
+            self._hand_back(claim)  # one suspect at a time
+
+    def _launch(self, claim: Claim) -> None:
+        self._maybe_crash("after_claim", claim)
         task = asyncio.create_task(
             self._attempt(claim), name=f"tidings-attempt-{claim.delivery_id}"
         )
         self._attempts.add(task)
         task.add_done_callback(self._attempts.discard)
+
+    def _hand_back(self, claim: Claim) -> None:
+        async def release() -> None:
+            try:
+                await self.store.release([claim], self.clock.now())
+            finally:
+                self._let_go(claim)
+
+        self._keep(asyncio.create_task(release(), name=f"tidings-hand-back-{claim.delivery_id}"))
+
+    def _keep(self, task: asyncio.Task[None]) -> None:
+        """Hold a reference to a side task until it ends (the loop keeps only weak ones)."""
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    async def _isolate(self, claim: Claim) -> None:
+        """Attempt a suspect alone, then let the claim loop go on."""
+        try:
+            await self._quiet(but=claim.delivery_id)
+            self._launch(claim)
+            await self._quiet()  # its outcome is recorded before anything else starts
+        finally:
+            self._suspect = None
+            self._room.set()
+
+    async def _quiet(self, but: str | None = None) -> None:
+        """Wait until no claim (but `but`) is held: all attempted and recorded."""
+        while self._held.keys() - {but}:
+            # _let_go sets _room once an outcome is recorded or a claim handed back.
+            self._room.clear()
+            await self._room.wait()
+
+    def _maybe_crash(self, point: str, claim: Claim) -> None:
+        """Fault injection for the crash tests (TIDINGS_FAULT_INJECTION); never in use."""
+        fault = self.config.fault_injection
+        if fault and (fault == point or fault == f"{point}:{claim.topic}"):
+            log.error("fault injection: dying at %s", point, extra={"action": "fault"})
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _let_go(self, claim: Claim) -> None:
         self._held.pop(claim.delivery_id, None)
@@ -322,6 +380,8 @@ class Dispatcher:
 
     async def _write(self, batch: list[Outcome]) -> None:
         """Record a batch, retrying while the store is away; the leases keep it ours."""
+        for outcome in batch:
+            self._maybe_crash("before_record", outcome.claim)
         failures = 0
         while True:
             try:

@@ -383,6 +383,7 @@ class MemoryStore(Store):
             topic=notification.topic,
             created_at=notification.created_at,
             deadline_at=row.deadline_at,
+            suspect=row.crashes > 0,
         )
 
     async def renew_leases(self, *, owner: str, now: float, lease_s: float) -> int:

@@ -984,6 +984,7 @@ class SqlStore(Store):
                 topic=bodies[row.notification_id].topic,
                 created_at=bodies[row.notification_id].created_at,
                 deadline_at=row.deadline_at,
+                suspect=row.crashes > 0,
             )
             for row in live
         ]

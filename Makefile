@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-HOST ?= 127.0.0.1
-PORT ?= 8080
+HOST ?= $(or $(TIDINGS_HOST),127.0.0.1)
+PORT ?= $(or $(TIDINGS_PORT),8080)
 
 .PHONY: run test lint types unit integration demo bench clean services
 

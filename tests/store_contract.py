@@ -30,7 +30,7 @@ from tidings.models import (
     new_id,
 )
 from tidings.schedule import RetrySchedule
-from tidings.stores.base import NotificationQuery, Store
+from tidings.stores.base import REDELIVERY_GRACE_S, NotificationQuery, Store
 from tidings.success import SuccessRule
 
 T0 = 1_700_000_000.0
@@ -755,7 +755,7 @@ async def test_redeliver_after_the_window_gives_one_more_attempt(store: Store) -
 
     (again,) = await claim(store, T0 + 500)
     assert again.attempt_number == 2
-    assert again.deadline_at == T0 + 500
+    assert again.deadline_at == T0 + 500 + REDELIVERY_GRACE_S
 
 
 async def test_redeliver_only_to_the_named_endpoints(store: Store) -> None:
@@ -1061,3 +1061,18 @@ async def test_deliveries_held_back_past_their_window_are_exhausted_unattempted(
         assert (delivery.status, delivery.next_attempt_at) == (DeliveryStatus.EXHAUSTED, None)
         assert len(delivery.attempts) == attempts
         assert await status_of(store, sent.id) is NotificationStatus.EXHAUSTED
+
+
+async def test_redeliver_leaves_a_delivery_cancelled_by_its_endpoints_removal_alone(
+    store: Store,
+) -> None:
+    kept = await add_endpoint(store)
+    removed = await add_endpoint(store)
+    sent = await send(store)
+    await store.remove_endpoint(removed.id, T0 + 1)
+
+    touched = await store.redeliver(sent.id, T0 + 2)
+
+    after = await deliveries_of(store, sent.id)
+    assert touched == [after[kept.id].id]
+    assert after[removed.id].status is DeliveryStatus.CANCELLED

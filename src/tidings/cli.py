@@ -78,7 +78,7 @@ def _serve(host: str, port: int, database_url: str | None, log_level: str, mode:
     configure(log_level)
     if database_url:
         os.environ["TIDINGS_DATABASE_URL"] = database_url
-    settings = Settings()
+    settings = Settings(host=host, port=port)  # so Settings.check() sees the real address
     service = Service(settings, run_dispatcher=mode != "api")
     typer.echo(
         f"Tidings {mode} on http://{host}:{port} (store: {_redact(settings.database_url)}); "
@@ -535,5 +535,7 @@ def main() -> None:
             sys.exit(130)
         if _state["verbose"]:
             traceback.print_exc()
+            typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+            sys.exit(1)
         typer.echo(f"error: {type(exc).__name__}: {exc} (run with -v for the traceback)", err=True)
         sys.exit(1)

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
 from tidings.errors import NotFound, TidingsError
+
+
+def _segment(value: str) -> str:
+    """One path segment: an id can never climb to another route ('../keys')."""
+    if not value:
+        raise TidingsError("an id is required; it cannot be empty")
+    return quote(value, safe="")
 
 
 class ApiError(TidingsError):
@@ -101,7 +109,7 @@ class Client:
 
     def get(self, notification_id: str) -> dict[str, Any]:
         """The authoritative record of one notification, with attempts."""
-        result: dict[str, Any] = self._call("GET", f"/v1/notifications/{notification_id}")
+        result: dict[str, Any] = self._call("GET", f"/v1/notifications/{_segment(notification_id)}")
         return result
 
     def find(self, *, key: str, topic: str | None = None) -> list[dict[str, Any]]:
@@ -141,7 +149,7 @@ class Client:
     def redeliver(self, notification_id: str) -> dict[str, Any]:
         """Ask for an immediate attempt of every undelivered delivery."""
         result: dict[str, Any] = self._call(
-            "POST", f"/v1/notifications/{notification_id}/redeliver"
+            "POST", f"/v1/notifications/{_segment(notification_id)}/redeliver"
         )
         return result
 
@@ -160,4 +168,4 @@ class Client:
 
     def remove_endpoint(self, endpoint_id: str) -> None:
         """Remove an endpoint."""
-        self._call("DELETE", f"/v1/endpoints/{endpoint_id}")
+        self._call("DELETE", f"/v1/endpoints/{_segment(endpoint_id)}")

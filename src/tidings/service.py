@@ -52,7 +52,9 @@ class EndpointSpec:
 
 
 def check_text(value: str, field: str) -> str:
-    """Refuse text that is not valid Unicode (a lone surrogate), naming the field."""
+    """Refuse text that is not valid Unicode (a lone surrogate) or holds NUL, naming the field."""
+    if "\x00" in value:
+        raise InvalidInput(f"{field}: contains a NUL character (\\u0000); remove it", field=field)
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -393,6 +395,18 @@ class Service:
             if value is not None and not 0 < len(check_text(value, name)) <= 200:
                 raise InvalidInput(f"{name}: must be 1 to 200 characters", field=name)
         notification, created = await self.store.add_notification(new, self.clock.now())
+        if not created and (
+            notification.topic != new.topic
+            or notification.body != new.body
+            or notification.content_type != new.content_type
+            or notification.key != new.key
+        ):
+            # Answering with the earlier notification would show one caller another's data
+            # and tell it its own was accepted; refuse instead, as payment APIs do.
+            raise Conflict(
+                "idempotency_key: already used for a different notification (other topic, "
+                "key or payload); use a new idempotency key for new content"
+            )
         if created and notification.deliveries:
             await self.broker.publish_due([d.id for d in notification.deliveries])
         log.debug(

@@ -92,6 +92,10 @@ class Settings(BaseSettings):
 
     def check(self) -> None:
         """Refuse combinations that cannot work, with the setting to change."""
+        from tidings.stores.engine import check_url
+
+        if not self.database_url.startswith("memory:"):
+            check_url(self.database_url)
         if not self.auth_required and self.host not in ("127.0.0.1", "::1", "localhost"):
             raise ConfigurationError(
                 f"TIDINGS_AUTH_REQUIRED=false is allowed only when listening on 127.0.0.1; "

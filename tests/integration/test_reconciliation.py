@@ -18,7 +18,7 @@ def clock() -> Clock:
     return FakeClock(time.time())
 
 
-async def test_a_repeated_idempotency_key_answers_200_with_the_first_notification(
+async def test_a_repeated_idempotency_key_answers_200_with_the_first_and_409_for_other_content(
     tidings: Tidings, receiver: ReceiverFactory
 ) -> None:
     rx = await receiver()
@@ -28,7 +28,15 @@ async def test_a_repeated_idempotency_key_answers_200_with_the_first_notificatio
 
     again = await tidings.client.post(
         "/v1/notifications",
+        json={"topic": TOPIC, "payload": {"amount": 100}, "key": "r-1", "idempotency_key": "pay-1"},
+    )
+    other = await tidings.client.post(
+        "/v1/notifications",
         json={"topic": TOPIC, "payload": {"amount": 999}, "idempotency_key": "pay-1"},
+    )
+    elsewhere = await tidings.client.post(
+        "/v1/notifications",
+        json={"topic": "other.topic", "payload": {"amount": 100}, "idempotency_key": "pay-1"},
     )
 
     assert again.status_code == 200, again.text
@@ -37,6 +45,12 @@ async def test_a_repeated_idempotency_key_answers_200_with_the_first_notificatio
     assert (repeated["payload"], repeated["key"]) == ({"amount": 100}, "r-1")
     assert [d["id"] for d in repeated["deliveries"]] == [d["id"] for d in first["deliveries"]]
     assert repeated["status"] == "delivered"
+    # The same key for other content is refused: neither a silent loss nor a data leak.
+    for refused in (other, elsewhere):
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error"] == "conflict"
+        assert refused.json()["message"].startswith("idempotency_key: ")
+        assert "100" not in refused.text and "r-1" not in refused.text
     await tidings.settle()
     assert len(rx.requests("/hook")) == 1
     assert len((await tidings.client.get("/v1/notifications")).json()["items"]) == 1

@@ -12,11 +12,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from tidings.api.schemas import (
+    MAX_JSON_DEPTH,
     ErrorOut,
     NotificationIn,
     NotificationOut,
     NotificationPage,
     RedeliverOut,
+    json_depth,
 )
 from tidings.api.security import require
 from tidings.auth import ApiKey, Scope
@@ -33,6 +35,7 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorOut},
     403: {"model": ErrorOut},
     404: {"model": ErrorOut},
+    409: {"model": ErrorOut},
     413: {"model": ErrorOut},
     422: {"model": ErrorOut},
 }
@@ -62,6 +65,12 @@ def encode_payload(body: NotificationIn) -> tuple[bytes, str]:
     if "payload" not in given:
         raise InvalidInput(
             "payload: required (any JSON), or payload_base64 with content_type", field="payload"
+        )
+    if json_depth(body.payload) > MAX_JSON_DEPTH:
+        raise InvalidInput(
+            f"payload: nested deeper than {MAX_JSON_DEPTH} levels; flatten it or send it as "
+            "payload_base64",
+            field="payload",
         )
     if body.content_type not in (None, "application/json"):
         raise InvalidInput(

@@ -20,6 +20,20 @@ def iso(epoch_s: float | None) -> str | None:
     return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds")
 
 
+MAX_JSON_DEPTH = 64  # pydantic will not serialise much deeper: a record must stay readable
+
+
+def json_depth(value: object) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value (a scalar is 0)."""
+    depth, level = 0, [value]
+    while True:
+        nested = [v for v in level if isinstance(v, list | dict)]
+        if not nested:
+            return depth
+        depth += 1
+        level = [child for v in nested for child in (v.values() if isinstance(v, dict) else v)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -213,8 +227,12 @@ class NotificationOut(BaseModel):
         if notification.content_type.split(";")[0].strip() == "application/json":
             try:
                 payload = json.loads(notification.body)
-            except ValueError:
+            except (ValueError, RecursionError):
                 payload_base64 = base64.b64encode(notification.body).decode("ascii")
+            else:
+                if json_depth(payload) > MAX_JSON_DEPTH:
+                    # Raw bytes sent as JSON may nest past what the answer can carry.
+                    payload, payload_base64 = None, base64.b64encode(notification.body).decode()
         else:
             payload_base64 = base64.b64encode(notification.body).decode("ascii")
         return cls(

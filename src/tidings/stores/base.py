@@ -48,6 +48,11 @@ def lost_attempt(delivery_id: str, number: int, now: float, *, timed_out: bool) 
     )
 
 
+# A manual redelivery after the window closed reopens it this long: the attempt it asks for
+# happens when a dispatcher gets to it, not necessarily in the same instant.
+REDELIVERY_GRACE_S = 60.0
+
+
 @dataclass(frozen=True)
 class NotificationQuery:
     """Filters for listing notifications, oldest first, after a cursor."""

@@ -34,9 +34,15 @@ def create_engine_for(url: str, *, echo: bool = False, writer: bool = True) -> A
     check_url(url)
     if not url.startswith("sqlite"):
         return create_async_engine(
-            url, echo=echo, pool_size=10, max_overflow=10, pool_pre_ping=True
+            url,
+            echo=echo,
+            pool_size=10,
+            max_overflow=10,
+            pool_pre_ping=True,
+            # Errors must not carry statement parameters into logs: secrets and payloads.
+            hide_parameters=True,
         )
-    kwargs: dict[str, Any] = {"echo": echo}
+    kwargs: dict[str, Any] = {"echo": echo, "hide_parameters": True}
     if ":memory:" in url or url.rstrip("/").endswith("sqlite+aiosqlite:"):
         kwargs["poolclass"] = StaticPool
     elif writer:

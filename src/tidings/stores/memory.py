@@ -27,12 +27,20 @@ from tidings.models import (
     OutcomeKind,
     new_id,
 )
-from tidings.stores.base import HAND_OVER_PREFIX, NotificationQuery, Page, Store, lost_attempt
+from tidings.stores.base import (
+    HAND_OVER_PREFIX,
+    REDELIVERY_GRACE_S,
+    NotificationQuery,
+    Page,
+    Store,
+    lost_attempt,
+)
 
 log = logging.getLogger(__name__)
 
 _LIVE = frozenset({DeliveryStatus.PENDING, DeliveryStatus.DELIVERING})
-_REDELIVERABLE = frozenset(DeliveryStatus) - {DeliveryStatus.DELIVERING, DeliveryStatus.DELIVERED}
+# Not delivering (in flight), delivered, or cancelled (the endpoint is gone): final stays.
+_REDELIVERABLE = frozenset({DeliveryStatus.PENDING, DeliveryStatus.EXHAUSTED})
 # The first status present among a notification's deliveries decides its summary.
 _SUMMARY = (
     (DeliveryStatus.PENDING, NotificationStatus.PENDING),
@@ -240,7 +248,7 @@ class MemoryStore(Store):
                 continue
             row.move(DeliveryStatus.PENDING, now, now)
             # A manual redelivery gets one attempt even after the window closed.
-            row.deadline_at = max(row.deadline_at, now)
+            row.deadline_at = max(row.deadline_at, now + REDELIVERY_GRACE_S)
             row.crashes = 0
             touched.append(row.id)
         return touched

@@ -34,6 +34,7 @@ from tidings.operational import DELIVERY_EXHAUSTED, exhausted_notice
 from tidings.schedule import RetrySchedule
 from tidings.stores.base import (
     HAND_OVER_PREFIX,
+    REDELIVERY_GRACE_S,
     NotificationQuery,
     Page,
     Store,
@@ -677,8 +678,8 @@ class SqlStore(Store):
                 d.status.in_(
                     (
                         DeliveryStatus.PENDING.value,
+                        # Not cancelled ones: their endpoint is gone, a final state stays.
                         DeliveryStatus.EXHAUSTED.value,
-                        DeliveryStatus.CANCELLED.value,
                     )
                 ),
             ]
@@ -690,10 +691,10 @@ class SqlStore(Store):
                 .values(
                     status=DeliveryStatus.PENDING.value,
                     next_attempt_at=now,
-                    # A manual redelivery gets one attempt even after the window closed.
-                    deadline_at=sa.func.max(d.deadline_at, now)
+                    # A manual redelivery gets an attempt even after the window closed.
+                    deadline_at=sa.func.max(d.deadline_at, now + REDELIVERY_GRACE_S)
                     if self.is_sqlite
-                    else sa.func.greatest(d.deadline_at, now),
+                    else sa.func.greatest(d.deadline_at, now + REDELIVERY_GRACE_S),
                     crashes=0,
                     updated_at=now,
                 )

@@ -99,13 +99,34 @@ async def test_the_demo_ends_with_every_recharge_consistent_despite_the_faults(
         "carol 60.00 (expected 60.00)"
     ) in output
 
+    # The recharge system's outbox: one row per result, every one relayed to Tidings.
+    with sqlite3.connect(tmp_path / "recharge.db") as db:
+        outbox = db.execute(
+            "SELECT key, notification_id, relayed_at IS NOT NULL FROM tidings_outbox ORDER BY seq"
+        ).fetchall()
+    assert [(key, relayed) for key, _, relayed in outbox] == [
+        ("rc-0001", 1),
+        ("rc-0002", 1),
+        ("rc-0003", 1),
+        ("rc-0004", 1),
+        ("rc-0005", 1),
+    ]
+    notification_of = {key: notification_id for key, notification_id, _ in outbox}
+
     # The account system's own books: each payment credited exactly once.
     with sqlite3.connect(tmp_path / "account.db") as db:
         balances = dict(db.execute("SELECT account, balance_cents FROM balances"))
-        inbox = db.execute("SELECT recharge_id FROM inbox ORDER BY recharge_id").fetchall()
+        processed = {row[0] for row in db.execute("SELECT notification_id FROM tidings_processed")}
     assert balances == {"alice": 110_00, "bob": 25_00, "carol": 60_00}
-    # One webhook-id per notification applied; rc-0003 got only 500s before reconciliation.
-    assert [row[0] for row in inbox] == ["rc-0001", "rc-0002", "rc-0004", "rc-0005"]
+    # The deduplicator holds one notification id per notification applied, and the recharge
+    # id of the one result learnt by reconciliation: rc-0003 got only 500s.
+    assert processed == {
+        notification_of["rc-0001"],
+        notification_of["rc-0002"],
+        notification_of["rc-0004"],
+        notification_of["rc-0005"],
+        "rc-0003",
+    }
 
 
 def test_exactly_one_recharge_is_never_accepted_however_many_are_played() -> None:

@@ -1,8 +1,9 @@
 """The recharge system, the notifier of the story: it takes payment and tells Tidings.
 
-It owns the truth about every recharge. A result and the duty to announce it are written
-in one local transaction (`notified_at` stays empty until Tidings has the notification),
-so a result is never settled without being announced sooner or later.
+It owns the truth about every recharge. A result and the notification announcing it are
+written in one transaction of its own database, with `tidings.outbox.record`; the library
+relay then hands every committed outbox row to Tidings. So a result is never settled
+without being announced sooner or later, and never announced without being settled.
 """
 
 from __future__ import annotations
@@ -10,17 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from aiohttp import web
 
+from tidings.client import Client
 from tidings.demo.narrator import Narrator
-from tidings.demo.tidings_api import TidingsApi
 from tidings.errors import TidingsError
+from tidings.outbox import OUTBOX, OutboxRow, create_all, record, relay_once
 
 TOPIC = "recharge.result"
 PAID = "paid"
@@ -35,11 +37,15 @@ CREATE TABLE IF NOT EXISTS recharges (
     amount_cents INTEGER NOT NULL,
     status TEXT NOT NULL,
     requested_at REAL NOT NULL,
-    settled_at REAL,
-    notified_at REAL,
-    notification_id TEXT
+    settled_at REAL
 )
 """
+# The outbox row of a recharge carries its id as business key; once relayed, the row also
+# holds the id Tidings gave the notification.
+_WITH_NOTIFICATION = (
+    "SELECT r.id, r.account, r.amount_cents, r.status, o.notification_id "
+    f"FROM recharges r LEFT JOIN {OUTBOX.name} o ON o.key = r.id"
+)
 
 
 @dataclass(frozen=True)
@@ -73,23 +79,30 @@ class RechargeSystem:
     def __init__(
         self,
         db_path: Path,
-        tidings: TidingsApi,
+        tidings: Client,
         narrator: Narrator,
         *,
         pay_delay_s: float = 0.3,
         fail_every: int = 5,
-        outbox_every_s: float = 0.5,
+        relay_every_s: float = 0.5,
     ) -> None:
-        # Tiny local writes: blocking the loop for them is fine in a demo.
-        self._db = sqlite3.connect(db_path)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(_SCHEMA)
+        # Tiny local writes: blocking the loop for them is fine in a demo. The relay reads
+        # and marks rows from a worker thread, hence a connection usable from any thread.
+        self._db = sa.create_engine(
+            f"sqlite:///{db_path}", connect_args={"check_same_thread": False}
+        )
+        with self._db.begin() as conn:
+            conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            conn.exec_driver_sql(_SCHEMA)
+            create_all(conn)
         self._tidings = tidings
         self._say = narrator.say
         self._pay_delay_s = pay_delay_s
         self._fail_every = fail_every
-        self._outbox_every_s = outbox_every_s
-        self._outbox_lock = asyncio.Lock()
+        self._relay_every_s = relay_every_s
+        self._relay_wanted = asyncio.Event()
+        self._stopping = False
+        self._relay: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
 
@@ -103,7 +116,7 @@ class RechargeSystem:
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.SockSite(self._runner, sock).start()
-        self._spawn(self._outbox_loop(), "recharge-outbox")
+        self._relay = asyncio.create_task(self._relay_loop(), name="recharge-outbox-relay")
 
     async def stop(self) -> None:
         """Stop payments in progress, the relay and the listener; close the database."""
@@ -112,9 +125,15 @@ class RechargeSystem:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._relay is not None:
+            # Not cancelled: a relay pass runs in a thread that cancelling would not stop,
+            # and it must not outlive the database it marks rows in.
+            self._stopping = True
+            self._relay_wanted.set()
+            await self._relay
         if self._runner is not None:
             await self._runner.cleanup()
-        self._db.close()
+        self._db.dispose()
 
     def _spawn(self, work: Any, name: str) -> None:
         task = asyncio.create_task(work, name=name)
@@ -128,15 +147,24 @@ class RechargeSystem:
         account, amount_cents = body.get("account"), body.get("amount_cents")
         if not isinstance(account, str) or not isinstance(amount_cents, int) or amount_cents <= 0:
             raise web.HTTPUnprocessableEntity(text="give account (text) and amount_cents (> 0)")
-        with self._db:
-            cursor = self._db.execute(
-                "INSERT INTO recharges (account, amount_cents, status, requested_at) "
-                "VALUES (?, ?, ?, ?)",
-                (account, amount_cents, PENDING, time.time()),
+        with self._db.begin() as conn:
+            cursor = conn.execute(
+                sa.text(
+                    "INSERT INTO recharges (account, amount_cents, status, requested_at) "
+                    "VALUES (:account, :amount_cents, :status, :now)"
+                ),
+                {
+                    "account": account,
+                    "amount_cents": amount_cents,
+                    "status": PENDING,
+                    "now": time.time(),
+                },
             )
-            recharge_id = f"rc-{cursor.lastrowid:04d}"
-            self._db.execute(
-                "UPDATE recharges SET id = ? WHERE seq = ?", (recharge_id, cursor.lastrowid)
+            seq = cursor.lastrowid
+            recharge_id = f"rc-{seq:04d}"
+            conn.execute(
+                sa.text("UPDATE recharges SET id = :id WHERE seq = :seq"),
+                {"id": recharge_id, "seq": seq},
             )
         # The customer now goes off to pay; the answer comes back later.
         self._spawn(self._pay(recharge_id), f"pay-{recharge_id}")
@@ -155,81 +183,89 @@ class RechargeSystem:
         await asyncio.sleep(self._pay_delay_s)
         seq = int(recharge_id.removeprefix("rc-"))
         status = FAILED if seq % self._fail_every == 0 else PAID
-        # One transaction: the result, and (notified_at still empty) the duty to announce it.
-        with self._db:
-            self._db.execute(
-                "UPDATE recharges SET status = ?, settled_at = ? WHERE id = ?",
-                (status, time.time(), recharge_id),
+        # One transaction: the result, and the outbox row that will announce it.
+        with self._db.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE recharges SET status = :status, settled_at = :now WHERE id = :id"),
+                {"status": status, "now": time.time(), "id": recharge_id},
             )
-        await self._flush_outbox()
+            recharge = self._read(conn, recharge_id)
+            if recharge is None:  # it was created before its payment started
+                raise RuntimeError(f"{recharge_id} vanished while being paid")
+            record(conn, TOPIC, recharge.to_json(), key=recharge_id)
+        self._relay_wanted.set()
 
-    async def _outbox_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._outbox_every_s)
-            await self._flush_outbox()
+    async def _relay_loop(self) -> None:
+        """Run the library relay after every payment, and every `relay_every_s` anyway."""
+        while not self._stopping:
+            await self._relay_pass()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._relay_wanted.wait(), self._relay_every_s)
+            self._relay_wanted.clear()
 
-    async def _flush_outbox(self) -> None:
-        """Hand every settled, not yet announced result to Tidings."""
-        async with self._outbox_lock:
-            rows = self._db.execute(
-                "SELECT id, account, amount_cents, status FROM recharges "
-                "WHERE status != ? AND notified_at IS NULL ORDER BY seq",
-                (PENDING,),
-            ).fetchall()
-            for row in rows:
-                recharge = Recharge(*row)
-                try:
-                    # The recharge id as idempotency key: a resend after a lost answer is
-                    # recognised by Tidings, not delivered twice.
-                    sent = await self._tidings.send(
-                        TOPIC, recharge.to_json(), key=recharge.id, idempotency_key=recharge.id
-                    )
-                except TidingsError as exc:
-                    self._say(
-                        "recharge",
-                        f"could not reach Tidings for {recharge.id} ({exc}); "
-                        "the outbox will try again",
-                    )
-                    return
-                with self._db:
-                    self._db.execute(
-                        "UPDATE recharges SET notified_at = ?, notification_id = ? WHERE id = ?",
-                        (time.time(), sent["id"], recharge.id),
-                    )
-                result = "paid" if recharge.status == PAID else "payment FAILED"
-                self._say(
-                    "recharge",
-                    f"{recharge.id}: {recharge.account} {format_cents(recharge.amount_cents)} "
-                    f"{result}; recorded, and sent to Tidings as {sent['id']}",
-                )
+    async def _relay_pass(self) -> None:
+        sent: list[tuple[OutboxRow, str]] = []
+
+        def after_send(row: OutboxRow, notification_id: str) -> None:
+            sent.append((row, notification_id))
+
+        try:
+            # The client is synchronous and Tidings answers on this very event loop: the
+            # relay runs in a worker thread so the loop stays free to serve it.
+            await asyncio.to_thread(relay_once, self._db, self._tidings, after_send=after_send)
+        except TidingsError as exc:
+            self._say("recharge", f"could not reach Tidings ({exc}); the relay will try again")
+        finally:
+            for row, notification_id in sent:
+                self._announce(row, notification_id)
+
+    def _announce(self, row: OutboxRow, notification_id: str) -> None:
+        recharge = self.recharge(row.key or "")
+        if recharge is None:
+            return
+        result = "paid" if recharge.status == PAID else "payment FAILED"
+        self._say(
+            "recharge",
+            f"{recharge.id}: {recharge.account} {format_cents(recharge.amount_cents)} "
+            f"{result}; recorded with its outbox row, relayed to Tidings as {notification_id}",
+        )
 
     # reading ---------------------------------------------------------------------------
 
+    @staticmethod
+    def _read(conn: sa.Connection, recharge_id: str) -> Recharge | None:
+        row = conn.execute(
+            sa.text(f"{_WITH_NOTIFICATION} WHERE r.id = :id"), {"id": recharge_id}
+        ).first()
+        return None if row is None else Recharge(*row)
+
     def recharge(self, recharge_id: str) -> Recharge | None:
         """One recharge as recorded here, or None."""
-        row = self._db.execute(
-            "SELECT id, account, amount_cents, status, notification_id FROM recharges WHERE id = ?",
-            (recharge_id,),
-        ).fetchone()
-        return None if row is None else Recharge(*row)
+        with self._db.connect() as conn:
+            return self._read(conn, recharge_id)
 
     def recharges(self) -> list[Recharge]:
         """Every recharge, in the order they were asked for."""
-        rows = self._db.execute(
-            "SELECT id, account, amount_cents, status, notification_id FROM recharges ORDER BY seq"
-        ).fetchall()
+        with self._db.connect() as conn:
+            rows = conn.execute(sa.text(f"{_WITH_NOTIFICATION} ORDER BY r.seq")).all()
         return [Recharge(*row) for row in rows]
 
     def name_of(self, notification_id: str) -> str:
         """The recharge a notification carries, for the commentary."""
-        row = self._db.execute(
-            "SELECT id FROM recharges WHERE notification_id = ?", (notification_id,)
-        ).fetchone()
-        return notification_id if row is None else str(row[0])
+        with self._db.connect() as conn:
+            key = conn.execute(
+                sa.select(OUTBOX.c.key).where(OUTBOX.c.notification_id == notification_id)
+            ).scalar()
+        return notification_id if key is None else str(key)
 
     def all_announced(self) -> bool:
-        """Whether every recharge is settled and handed to Tidings."""
-        (left,) = self._db.execute(
-            "SELECT COUNT(*) FROM recharges WHERE notified_at IS NULL"
-        ).fetchone()
-        return bool(left == 0)
+        """Whether every recharge is settled and its outbox row relayed to Tidings."""
+        with self._db.connect() as conn:
+            unsettled = conn.execute(
+                sa.text("SELECT COUNT(*) FROM recharges WHERE status = :pending"),
+                {"pending": PENDING},
+            ).scalar_one()
+            unrelayed = conn.execute(
+                sa.select(sa.func.count()).where(OUTBOX.c.relayed_at.is_(None))
+            ).scalar_one()
+        return unsettled == 0 and unrelayed == 0

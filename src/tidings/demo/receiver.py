@@ -1,9 +1,11 @@
 """The account system, the receiver of the story: it credits balances, once each.
 
 It learns results two ways. Tidings delivers signed notifications to its notify URL; it
-verifies each with the `standardwebhooks` package and applies it at most once, keyed on
-`webhook-id`. And because delivery is only best effort, a reconciler asks the recharge
-system about every recharge it has heard nothing of for a while.
+checks each with `tidings.receiver.verify` and applies it at most once with the toolkit's
+`AsyncDeduplicator`, keyed on the notification id. And because delivery is only best
+effort, a reconciler looks into every recharge it has heard nothing of for a while: it asks
+Tidings first, with its receiver key, and the recharge system when Tidings has delivered
+nothing for it.
 """
 
 from __future__ import annotations
@@ -11,23 +13,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import sqlalchemy as sa
 from aiohttp import web
-from standardwebhooks import Webhook, WebhookVerificationError
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
+from tidings.client import Client
 from tidings.demo.narrator import Narrator
-from tidings.demo.notifier import FAILED, PAID, format_cents
+from tidings.demo.notifier import FAILED, PAID, TOPIC, format_cents
+from tidings.errors import SignatureError, TidingsError
+from tidings.receiver import AsyncDeduplicator, verify
 
 CREDITED = "credited"
 PENDING = "pending"
 BY_NOTIFICATION = "notification"
 BY_RECONCILIATION = "reconciliation"
+_FINAL = {PAID: CREDITED, FAILED: FAILED}
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS recharges (
@@ -38,11 +45,6 @@ _SCHEMA = (
         requested_at REAL NOT NULL,
         settled_by TEXT,
         settled_at REAL
-    )""",
-    """CREATE TABLE IF NOT EXISTS inbox (
-        webhook_id TEXT PRIMARY KEY,
-        recharge_id TEXT NOT NULL,
-        received_at REAL NOT NULL
     )""",
     """CREATE TABLE IF NOT EXISTS balances (
         account TEXT PRIMARY KEY,
@@ -92,18 +94,17 @@ class AccountSystem:
         *,
         secret: str,
         recharge_url: str,
+        tidings: Client,
         narrator: Narrator,
         slow_s: float = 1.5,
         reconcile_after_s: float = 10.0,
         reconcile_every_s: float = 1.0,
     ) -> None:
-        # Tiny local writes: blocking the loop for them is fine in a demo.
-        self._db = sqlite3.connect(db_path)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        for statement in _SCHEMA:
-            self._db.execute(statement)
-        self._webhook = Webhook(secret)
+        self._db = create_async_engine(f"sqlite+aiosqlite:///{db_path}")
+        self._dedup = AsyncDeduplicator(self._db)
+        self._secret = secret
         self._recharge_url = recharge_url.rstrip("/")
+        self._tidings = tidings
         self._say = narrator.say
         self._slow_s = slow_s
         self._reconcile_after_s = reconcile_after_s
@@ -113,9 +114,18 @@ class AccountSystem:
         self._duplicates: Counter[str] = Counter()
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         self._runner: web.AppRunner | None = None
+        self._stopping = asyncio.Event()
         self._reconciler: asyncio.Task[None] | None = None
 
     # lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the account system's tables, the toolkit's processed-ids table among them."""
+        async with self._db.begin() as conn:
+            await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            for statement in _SCHEMA:
+                await conn.exec_driver_sql(statement)
+        await self._dedup.create_table()
 
     async def come_up(self, sock: socket.socket) -> None:
         """Start listening on the notify URL's socket, and start reconciling."""
@@ -129,13 +139,14 @@ class AccountSystem:
     async def stop(self) -> None:
         """Stop the reconciler and the listener; close the database."""
         if self._reconciler is not None:
-            self._reconciler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reconciler
+            # Not cancelled: a question to Tidings runs in a thread that cancelling would
+            # leave behind; the loop ends after the round in progress.
+            self._stopping.set()
+            await self._reconciler
         if self._runner is not None:
             await self._runner.cleanup()
         await self._http.close()
-        self._db.close()
+        await self._db.dispose()
 
     # asking for a recharge -------------------------------------------------------------
 
@@ -147,11 +158,19 @@ class AccountSystem:
         ) as response:
             response.raise_for_status()
             recharge_id: str = (await response.json())["recharge_id"]
-        with self._db:
-            self._db.execute(
-                "INSERT INTO recharges (id, account, amount_cents, status, requested_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (recharge_id, account, amount_cents, PENDING, time.time()),
+        async with self._db.begin() as conn:
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO recharges (id, account, amount_cents, status, requested_at) "
+                    "VALUES (:id, :account, :amount_cents, :status, :now)"
+                ),
+                {
+                    "id": recharge_id,
+                    "account": account,
+                    "amount_cents": amount_cents,
+                    "status": PENDING,
+                    "now": time.time(),
+                },
             )
         self._faults[recharge_id] = faults
         return recharge_id
@@ -161,11 +180,11 @@ class AccountSystem:
     async def _notify(self, request: web.Request) -> web.Response:
         body = await request.read()
         try:
-            payload = self._webhook.verify(body, dict(request.headers))
-        except WebhookVerificationError as exc:
+            verified = verify(body, request.headers, self._secret)
+        except SignatureError as exc:
             self._say("account", f"refused a notification with a bad signature ({exc})")
             return web.Response(status=401, text="bad signature")
-        webhook_id = request.headers["webhook-id"]
+        payload = verified.json()
         recharge_id = str(payload["recharge_id"])
         attempt = request.headers.get("Tidings-Attempt", "?")
         faults = self._faults.get(recharge_id, Faults())
@@ -176,7 +195,9 @@ class AccountSystem:
             self._say("account", f"{recharge_id} attempt {attempt}: answers 500 (injected fault)")
             return web.Response(status=500, text="internal error")
 
-        outcome = self.apply(recharge_id, str(payload["status"]), BY_NOTIFICATION, webhook_id)
+        outcome = await self.apply(
+            verified.id, recharge_id, str(payload["status"]), BY_NOTIFICATION
+        )
         self._say("account", f"{recharge_id} attempt {attempt}: {outcome}")
         if reached <= faults.fail_first + faults.slow_first:
             # The work is done and committed, but the answer comes after Tidings stopped
@@ -189,79 +210,126 @@ class AccountSystem:
             await asyncio.sleep(self._slow_s)
         return web.Response(text="ok")
 
-    def apply(self, recharge_id: str, result: str, via: str, webhook_id: str | None = None) -> str:
-        """Apply a recharge result at most once; says what happened, for the commentary."""
-        status = {PAID: CREDITED, FAILED: FAILED}.get(result)
+    async def apply(self, application_id: str, recharge_id: str, result: str, via: str) -> str:
+        """Apply a recharge result at most once per `application_id` (a notification id, or
+        the recharge id for a reconciled result); says what happened, for the commentary."""
+        status = _FINAL.get(result)
         if status is None:
+            # Not claimed: the recharge must stay open to a later, final answer.
             return f"result {result!r} is not final; nothing to apply"
-        with self._db:
-            if webhook_id is not None:
-                inserted = self._db.execute(
-                    "INSERT OR IGNORE INTO inbox (webhook_id, recharge_id, received_at) "
-                    "VALUES (?, ?, ?)",
-                    (webhook_id, recharge_id, time.time()),
-                ).rowcount
-                if not inserted:
-                    self._duplicates[recharge_id] += 1
-                    return "duplicate of a notification already applied; ignored, answers 200"
-            row = self._db.execute(
-                "SELECT account, amount_cents FROM recharges WHERE id = ? AND status = ?",
-                (recharge_id, PENDING),
-            ).fetchone()
-            if row is None:
-                return "already settled (or never asked for); nothing to do, answers 200"
-            account, amount_cents = row
-            self._db.execute(
-                "UPDATE recharges SET status = ?, settled_by = ?, settled_at = ? WHERE id = ?",
-                (status, via, time.time(), recharge_id),
+
+        async def settle(conn: AsyncConnection) -> str:
+            return await self._settle(conn, recharge_id, status, via)
+
+        handled = await self._dedup.handle(application_id, settle)
+        if not handled.ran or handled.result is None:
+            self._duplicates[recharge_id] += 1
+            return f"duplicate: {application_id} was applied before; ignored, answers 200"
+        return handled.result
+
+    async def _settle(self, conn: AsyncConnection, recharge_id: str, status: str, via: str) -> str:
+        # Whatever the id the deduplicator saw, a recharge leaves pending only once: a
+        # notification after a reconciliation (or the reverse) cannot credit twice.
+        row = (
+            await conn.execute(
+                sa.text(
+                    "SELECT account, amount_cents FROM recharges "
+                    "WHERE id = :id AND status = :pending"
+                ),
+                {"id": recharge_id, "pending": PENDING},
             )
-            if status == CREDITED:
-                self._db.execute(
-                    "INSERT INTO balances (account, balance_cents) VALUES (?, ?) "
-                    "ON CONFLICT (account) DO UPDATE "
-                    "SET balance_cents = balance_cents + excluded.balance_cents",
-                    (account, amount_cents),
-                )
-        if status == CREDITED:
-            return f"{account} credited +{format_cents(amount_cents)}"
-        return "payment failed; recharge closed, balance unchanged"
+        ).first()
+        if row is None:
+            return "already settled (or never asked for); nothing to do, answers 200"
+        account, amount_cents = row
+        await conn.execute(
+            sa.text(
+                "UPDATE recharges SET status = :status, settled_by = :via, settled_at = :now "
+                "WHERE id = :id"
+            ),
+            {"status": status, "via": via, "now": time.time(), "id": recharge_id},
+        )
+        if status != CREDITED:
+            return "payment failed; recharge closed, balance unchanged"
+        await conn.execute(
+            sa.text(
+                "INSERT INTO balances (account, balance_cents) VALUES (:account, :cents) "
+                "ON CONFLICT (account) DO UPDATE "
+                "SET balance_cents = balance_cents + excluded.balance_cents"
+            ),
+            {"account": account, "cents": amount_cents},
+        )
+        return f"{account} credited +{format_cents(amount_cents)}"
 
     # reconciliation --------------------------------------------------------------------
 
     async def _reconcile_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._reconcile_every_s)
-            await self.reconcile()
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._reconcile_every_s)
+            if not self._stopping.is_set():
+                await self.reconcile()
 
     async def reconcile(self) -> None:
-        """Ask the recharge system about every recharge long silent, and apply the answer."""
+        """Look into every recharge long silent: ask Tidings, then the recharge system."""
         quiet_since = time.time() - self._reconcile_after_s
-        rows = self._db.execute(
-            "SELECT id FROM recharges WHERE status = ? AND requested_at < ? ORDER BY id",
-            (PENDING, quiet_since),
-        ).fetchall()
+        async with self._db.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT id FROM recharges WHERE status = :pending AND requested_at < :t "
+                        "ORDER BY id"
+                    ),
+                    {"pending": PENDING, "t": quiet_since},
+                )
+            ).all()
         for (recharge_id,) in rows:
-            try:
-                async with self._http.get(f"{self._recharge_url}/recharges/{recharge_id}") as r:
-                    r.raise_for_status()
-                    answer = await r.json()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                self._say("account", f"reconciliation could not ask about {recharge_id}: {exc!r}")
-                continue
-            outcome = self.apply(recharge_id, str(answer["status"]), BY_RECONCILIATION)
-            self._say(
-                "account",
-                f"{recharge_id}: nothing heard for {self._reconcile_after_s:g}s, asked the "
-                f"recharge system: {answer['status']}; {outcome}",
-            )
+            await self._reconcile_one(str(recharge_id))
+
+    async def _reconcile_one(self, recharge_id: str) -> None:
+        silent = f"{recharge_id}: nothing heard for {self._reconcile_after_s:g}s"
+        try:
+            # The client is synchronous and Tidings answers on this very event loop.
+            found = await asyncio.to_thread(self._tidings.find, key=recharge_id, topic=TOPIC)
+        except TidingsError as exc:
+            self._say("account", f"{silent}; could not ask Tidings ({exc})")
+            found = []
+        delivered = [n for n in found if _delivered(n)]
+        if delivered:
+            latest = delivered[-1]
+            status = str(latest["payload"]["status"])
+            outcome = await self.apply(latest["id"], recharge_id, status, BY_RECONCILIATION)
+            self._say("account", f"{silent}; Tidings delivered {latest['id']}: {status}; {outcome}")
+            return
+        with_tidings = f"its notification is {found[-1]['status']}" if found else "none yet"
+        try:
+            async with self._http.get(f"{self._recharge_url}/recharges/{recharge_id}") as r:
+                r.raise_for_status()
+                answer = await r.json()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._say("account", f"{silent}; could not ask the recharge system: {exc!r}")
+            return
+        status = str(answer["status"])
+        outcome = await self.apply(recharge_id, recharge_id, status, BY_RECONCILIATION)
+        self._say(
+            "account",
+            f"{silent}; Tidings delivered nothing ({with_tidings}), asked the recharge "
+            f"system: {status}; {outcome}",
+        )
 
     # reading ---------------------------------------------------------------------------
 
-    def recharges(self) -> dict[str, AccountRecharge]:
+    async def recharges(self) -> dict[str, AccountRecharge]:
         """Every recharge this system asked for, by id."""
-        rows = self._db.execute(
-            "SELECT id, account, amount_cents, status, settled_by FROM recharges ORDER BY id"
-        ).fetchall()
+        async with self._db.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT id, account, amount_cents, status, settled_by FROM recharges "
+                        "ORDER BY id"
+                    )
+                )
+            ).all()
         return {
             recharge_id: AccountRecharge(
                 recharge_id,
@@ -274,17 +342,28 @@ class AccountSystem:
             for recharge_id, account, amount_cents, status, settled_by in rows
         }
 
-    def balances(self) -> dict[str, int]:
+    async def balances(self) -> dict[str, int]:
         """Balance in cents per account."""
-        return dict(self._db.execute("SELECT account, balance_cents FROM balances").fetchall())
+        async with self._db.connect() as conn:
+            rows = await conn.execute(sa.text("SELECT account, balance_cents FROM balances"))
+            return {str(account): int(cents) for account, cents in rows.all()}
 
     def faults(self, recharge_id: str) -> Faults:
         """The faults injected for a recharge."""
         return self._faults.get(recharge_id, Faults())
 
-    def all_settled(self) -> bool:
+    async def all_settled(self) -> bool:
         """Whether every recharge asked for has a final status here."""
-        (left,) = self._db.execute(
-            "SELECT COUNT(*) FROM recharges WHERE status = ?", (PENDING,)
-        ).fetchone()
+        async with self._db.connect() as conn:
+            left = (
+                await conn.execute(
+                    sa.text("SELECT COUNT(*) FROM recharges WHERE status = :pending"),
+                    {"pending": PENDING},
+                )
+            ).scalar_one()
         return bool(left == 0)
+
+
+def _delivered(notification: dict[str, Any]) -> bool:
+    """Whether Tidings delivered this notification to the account system's endpoint."""
+    return any(d["status"] == "delivered" for d in notification["deliveries"])

@@ -23,6 +23,7 @@ import uvicorn
 
 from tidings.api.app import create_app
 from tidings.auth import Scope
+from tidings.client import Client
 from tidings.demo.narrator import Narrator, tidings_voice, watch_breaker
 from tidings.demo.notifier import TOPIC, RechargeSystem
 from tidings.demo.receiver import AccountSystem, Faults
@@ -152,9 +153,9 @@ async def _play(
     return build_report(
         truth,
         notifications,
-        accounts.recharges(),
+        await accounts.recharges(),
         {r.id: accounts.faults(r.id) for r in truth},
-        accounts.balances(),
+        await accounts.balances(),
     )
 
 
@@ -174,8 +175,8 @@ async def _start_cast(
     notifier_key = await service.create_key(Scope.NOTIFIER, name="recharge system", topics=(TOPIC,))
     api = TidingsApi(tidings_url, admin_key.plain)
     running.push_async_callback(api.close)
-    notifier_api = TidingsApi(tidings_url, notifier_key.plain)
-    running.push_async_callback(notifier_api.close)
+    # The library's synchronous client, for the outbox relay; closed after the system stops.
+    notifier_client = running.enter_context(Client(tidings_url, notifier_key.plain, timeout_s=5.0))
 
     endpoint = await api.add_endpoint(
         f"{account_url}/notify",
@@ -191,8 +192,14 @@ async def _start_cast(
     )
     running.push_async_callback(_cancel, watcher)
 
+    # The account system reconciles with a key that reads only its own endpoint's deliveries.
+    receiver_key = await service.create_key(
+        Scope.RECEIVER, name="account system", endpoint_ids=(endpoint["id"],)
+    )
+    receiver_client = running.enter_context(Client(tidings_url, receiver_key.plain, timeout_s=5.0))
+
     recharges = RechargeSystem(
-        data_dir / "recharge.db", notifier_api, narrator, pay_delay_s=timing.pay_delay_s
+        data_dir / "recharge.db", notifier_client, narrator, pay_delay_s=timing.pay_delay_s
     )
     await recharges.start(sockets[1])
     running.push_async_callback(recharges.stop)
@@ -200,12 +207,14 @@ async def _start_cast(
         data_dir / "account.db",
         secret=endpoint["secret"],
         recharge_url=recharge_url,
+        tidings=receiver_client,
         narrator=narrator,
         slow_s=timing.slow_s,
         reconcile_after_s=timing.reconcile_after_s,
         reconcile_every_s=timing.reconcile_every_s,
     )
     running.push_async_callback(accounts.stop)
+    await accounts.open()
     return _Cast(api, recharges, accounts)
 
 
@@ -288,7 +297,7 @@ async def _wait_until_final(
 ) -> bool:
     """Wait until every result is announced, settled, and final at Tidings."""
     while narrator.elapsed_s() < timing.deadline_s:
-        if cast.recharges.all_announced() and cast.accounts.all_settled():
+        if cast.recharges.all_announced() and await cast.accounts.all_settled():
             sent = await cast.api.list_topic(TOPIC)
             if len(sent) == count and all(n["status"] != "pending" for n in sent):
                 return True

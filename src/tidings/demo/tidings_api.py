@@ -1,7 +1,9 @@
-"""The few Tidings API calls the demo's systems make, over asynchronous HTTP.
+"""The few Tidings API calls the operator's side of the demo makes, over asynchronous HTTP.
 
-`tidings.client.Client` is synchronous; in this one-process demo Tidings answers on the
-same event loop, so a blocking call would wait for an answer that can never come.
+The recharge and account systems use the library's own `tidings.client.Client`, which is
+synchronous: they call it from worker threads, because in this one-process demo Tidings
+answers on the same event loop and a blocking call there would wait for an answer that can
+never come.
 """
 
 from __future__ import annotations
@@ -33,14 +35,6 @@ class TidingsApi:
         """Register an endpoint; the answer carries its signing secret."""
         body = {"url": url, "topics": topics, **options}
         result: dict[str, Any] = await self._call("POST", "/v1/endpoints", json=body)
-        return result
-
-    async def send(
-        self, topic: str, payload: Any, *, key: str, idempotency_key: str
-    ) -> dict[str, Any]:
-        """Send a JSON notification; the same idempotency key never makes a second one."""
-        body = {"topic": topic, "payload": payload, "key": key, "idempotency_key": idempotency_key}
-        result: dict[str, Any] = await self._call("POST", "/v1/notifications", json=body)
         return result
 
     async def list_topic(self, topic: str) -> list[dict[str, Any]]:

@@ -514,6 +514,19 @@ def demo_recharge(
     raise typer.Exit(0 if consistent else 1)
 
 
+def _one_line(exc: BaseException) -> str:
+    """An error as one line; a bad setting names its TIDINGS_* variable."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        problems = [
+            f"TIDINGS_{'_'.join(str(part) for part in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors()
+        ]
+        return "invalid setting: " + "; ".join(problems)
+    return " ".join(str(exc).split())
+
+
 def main() -> None:
     """Entry point: one line per error, exit 1; tracebacks only with -v."""
     try:
@@ -523,7 +536,7 @@ def main() -> None:
     except (TidingsError, OSError, ValueError) as exc:
         if _state["verbose"]:
             traceback.print_exc()
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_one_line(exc)}", err=True)
         sys.exit(1)
     except Exception as exc:
         import click

@@ -6,7 +6,7 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 from functools import cache
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import httpx
 import psycopg
@@ -16,18 +16,18 @@ from psycopg import sql
 from tests.conftest import CI
 from tests.integration.harness import (
     BASE_SETTINGS,
+    POSTGRES_ADMIN_URL,
     Receiver,
     ReceiverFactory,
     Tidings,
     TidingsFactory,
+    postgres_admin,
 )
 from tidings.api.app import create_app
 from tidings.clock import Clock, SystemClock
 from tidings.service import Service
 from tidings.settings import Settings
 from tidings.stores.sql import SqlStore
-
-POSTGRES_ADMIN_URL: Final = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 # stores ------------------------------------------------------------------------------------
 
@@ -43,11 +43,6 @@ def postgres_reachable() -> bool:
     return True
 
 
-def _admin(statement: sql.Composed) -> None:
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
-        conn.execute(statement)
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path, ci: type[CI]) -> Iterator[str]:
     """A fresh, empty database per test: a SQLite file, or a new PostgreSQL database."""
@@ -56,12 +51,14 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path, ci: type[CI]) -
         return
     ci.require_server("PostgreSQL at 127.0.0.1:5432 (user postgres)", postgres_reachable())
     name = f"tidings_test_{secrets.token_hex(6)}"
-    _admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    postgres_admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     finally:
         # FORCE: a killed `tidings serve` may have left a session behind.
-        _admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        postgres_admin(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 # receivers ---------------------------------------------------------------------------------

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 import httpx
+import psycopg
 import pytest
 import uvicorn
 from aiohttp import web
+from psycopg import sql
 
 from tidings.clock import FakeClock
 from tidings.service import Service
@@ -331,3 +333,14 @@ async def serve(app: Any) -> AsyncIterator[str]:
         server.should_exit = True
         await task
         sock.close()
+
+
+# PostgreSQL administration for tests that need databases of their own -------------------
+
+POSTGRES_ADMIN_URL: Final = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def postgres_admin(statement: sql.Composed) -> None:
+    """Run one statement (CREATE/DROP DATABASE) as the local superuser, outside a transaction."""
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
+        conn.execute(statement)

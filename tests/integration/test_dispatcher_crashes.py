@@ -52,6 +52,11 @@ async def run_dispatcher(
         except TimeoutError:
             process.terminate()
             return await process.wait()
+        finally:
+            # Also when the test cancels this supervisor: no dispatcher outlives its test.
+            if process.returncode is None:
+                process.kill()
+                await asyncio.shield(process.wait())
 
 
 async def _not_in_flight(api: Tidings, notification_id: str, status: str) -> dict[str, Any]:

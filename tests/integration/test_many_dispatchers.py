@@ -18,9 +18,9 @@ import psycopg
 import pytest
 
 from tests.conftest import CI
-from tests.integration.conftest import POSTGRES_ADMIN_URL
 from tests.integration.harness import (
     BASE_SETTINGS,
+    POSTGRES_ADMIN_URL,
     Receiver,
     ReceiverFactory,
     Tidings,

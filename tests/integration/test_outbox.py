@@ -29,6 +29,7 @@ from tests.integration.harness import (
     Tidings,
     TidingsFactory,
     closed_port,
+    postgres_admin,
     serve,
 )
 from tidings.api.app import create_app
@@ -84,11 +85,6 @@ class Notifier:
         return sa.create_engine(self.url)
 
 
-def _postgres_admin(statement: sql.Composed) -> None:
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as c:
-        c.execute(statement)
-
-
 @pytest.fixture
 def notifier(database_url: str, tmp_path: Path) -> Iterator[Notifier]:
     """A fresh notifier database holding the business tables and the outbox."""
@@ -100,7 +96,7 @@ def notifier(database_url: str, tmp_path: Path) -> Iterator[Notifier]:
         made = Notifier(f"sqlite:///{path}", f"sqlite+aiosqlite:///{path}")
     else:
         name = f"notifier_test_{random.token_hex(6)}"
-        _postgres_admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        postgres_admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         made = Notifier(f"{POSTGRES}/{name}", f"{POSTGRES}/{name}", name)
     engine = made.engine()
     business.create_all(engine)
@@ -110,7 +106,7 @@ def notifier(database_url: str, tmp_path: Path) -> Iterator[Notifier]:
         yield made
     finally:
         if made.postgres_name is not None:
-            _postgres_admin(
+            postgres_admin(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                     sql.Identifier(made.postgres_name)
                 )

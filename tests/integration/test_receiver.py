@@ -20,7 +20,6 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from wsgiref.types import StartResponse, WSGIEnvironment
 
 import httpx
-import psycopg
 import pytest
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI
@@ -28,7 +27,15 @@ from psycopg import sql
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from tests.integration.harness import TOPIC, ReceiverFactory, Reply, Tidings, attempts_of, serve
+from tests.integration.harness import (
+    TOPIC,
+    ReceiverFactory,
+    Reply,
+    Tidings,
+    attempts_of,
+    postgres_admin,
+    serve,
+)
 from tidings.api.app import create_app
 from tidings.client import Client
 from tidings.receiver import AsyncDeduplicator, Deduplicator, Handled, Verified
@@ -77,11 +84,6 @@ class ReceiverDb:
             engine.dispose()
 
 
-def _postgres_admin(statement: sql.Composed) -> None:
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as c:
-        c.execute(statement)
-
-
 @pytest.fixture
 def own_db(database_url: str, tmp_path: Path) -> Iterator[ReceiverDb]:
     """A fresh receiver database with its `applied` table and the processed-ids table."""
@@ -92,7 +94,7 @@ def own_db(database_url: str, tmp_path: Path) -> Iterator[ReceiverDb]:
         made = ReceiverDb(f"sqlite:///{path}", f"sqlite+aiosqlite:///{path}")
     else:
         name = f"receiver_test_{random.token_hex(6)}"
-        _postgres_admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        postgres_admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         made = ReceiverDb(f"{POSTGRES}/{name}", f"{POSTGRES}/{name}", name)
     engine = made.engine()
     own.create_all(engine)
@@ -102,7 +104,7 @@ def own_db(database_url: str, tmp_path: Path) -> Iterator[ReceiverDb]:
         yield made
     finally:
         if made.postgres_name is not None:
-            _postgres_admin(
+            postgres_admin(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                     sql.Identifier(made.postgres_name)
                 )

@@ -36,3 +36,7 @@ def configure(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    # aiosqlite logs every statement with its parameters at DEBUG: secrets and payloads.
+    # Limitation: an application embedding Tidings that sets the root logger to DEBUG must
+    # keep the "aiosqlite" logger at INFO itself.
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)

@@ -62,12 +62,16 @@ async def prefix(ci: type[CI]) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def service(prefix: str, tidings_factory: TidingsFactory) -> Tidings:
+async def service(
+    prefix: str, tidings_factory: TidingsFactory, request: pytest.FixtureRequest
+) -> Tidings:
     """A service (API and dispatcher) whose broker is this test's RabbitMQ queues.
 
-    The store is polled every 30 s: whatever happens sooner came through RabbitMQ.
+    The store is polled every 30 s: whatever happens sooner came through RabbitMQ. A test
+    marked `no_jitter` gets retries exactly on the ladder.
     """
-    return await tidings_factory(**on_rabbitmq(prefix))
+    jitter = 0.0 if request.node.get_closest_marker("no_jitter") else 0.1
+    return await tidings_factory(**on_rabbitmq(prefix, jitter=jitter))
 
 
 @pytest.fixture
@@ -244,10 +248,13 @@ async def test_a_handler_that_raises_twice_gets_the_same_message_three_times_on_
     assert details[:2] == ["RuntimeError: not yet (call 1)", "RuntimeError: not yet (call 2)"]
 
 
+@pytest.mark.no_jitter
 async def test_a_handler_that_always_raises_is_exhausted_when_the_window_closes_and_dead_lettered(
     service: Tidings, api_url: str, prefix: str
 ) -> None:
-    subscriber = subscriber_for(api_url, prefix, window="2.5s")
+    # Without jitter the third attempt is due at 2 s and a fourth would be at 3 s: a 2.7 s
+    # window holds exactly three even when a busy machine delays each a little.
+    subscriber = subscriber_for(api_url, prefix, window="2.7s")
     handler = Handler(failures=1000)
 
     async with running(subscriber, handler):
@@ -255,7 +262,7 @@ async def test_a_handler_that_always_raises_is_exhausted_when_the_window_closes_
         done = await service.wait_for_status(sent["id"], "exhausted", timeout_s=8)
         await service.settle(1.5)  # past the window: nothing more comes
 
-    # Attempts at 0 s, ~1 s and ~2 s; the next would fall after the 2.5 s window.
+    # Attempts at 0 s, 1 s and 2 s; the next would fall after the 2.7 s window.
     assert [m.attempt for m in handler.messages] == [1, 2, 3]
     [delivery] = done["deliveries"]
     assert (delivery["status"], delivery["attempt_count"]) == ("exhausted", 3)

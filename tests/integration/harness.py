@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import socket
+import sqlite3
 import struct
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, Literal
 
 import httpx
@@ -344,3 +347,27 @@ def postgres_admin(statement: sql.Composed) -> None:
     """Run one statement (CREATE/DROP DATABASE) as the local superuser, outside a transaction."""
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
         conn.execute(statement)
+
+
+@contextmanager
+def side_database(database_url: str, tmp_path: Path, name: str) -> Iterator[tuple[str, str]]:
+    """A fresh database of a notifier's or receiver's own, on the backend of `database_url`.
+
+    Yields its synchronous and asynchronous SQLAlchemy URLs; a PostgreSQL one is dropped
+    afterwards.
+    """
+    if database_url.startswith("sqlite"):
+        path = tmp_path / f"{name}.db"
+        with sqlite3.connect(path) as conn:
+            # Writers and readers at once (producers and a relay): readers must not block.
+            conn.execute("PRAGMA journal_mode=WAL")
+        yield f"sqlite:///{path}", f"sqlite+aiosqlite:///{path}"
+        return
+    database = f"{name}_test_{secrets.token_hex(6)}"
+    postgres_admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
+    try:
+        yield url, url
+    finally:
+        drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+        postgres_admin(drop.format(sql.Identifier(database)))

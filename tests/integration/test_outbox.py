@@ -4,9 +4,7 @@ the relay takes it to Tidings once, in commit order per business key, whatever g
 from __future__ import annotations
 
 import asyncio
-import secrets as random
 import signal
-import sqlite3
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -19,7 +17,6 @@ import pytest
 import sqlalchemy as sa
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
-from psycopg import sql
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -29,8 +26,8 @@ from tests.integration.harness import (
     Tidings,
     TidingsFactory,
     closed_port,
-    postgres_admin,
     serve,
+    side_database,
 )
 from tidings.api.app import create_app
 from tidings.client import Client
@@ -48,7 +45,6 @@ from tidings.outbox import (
 )
 from tidings.receiver import verify
 
-POSTGRES: Final = "postgresql+psycopg://postgres@127.0.0.1:5432"
 ROOT: Final = Path(__file__).resolve().parents[2]
 
 business = sa.MetaData()
@@ -78,7 +74,6 @@ class Notifier:
 
     url: str
     async_url: str
-    postgres_name: str | None = None
 
     def engine(self) -> sa.Engine:
         """A fresh synchronous engine; the caller disposes it."""
@@ -88,29 +83,13 @@ class Notifier:
 @pytest.fixture
 def notifier(database_url: str, tmp_path: Path) -> Iterator[Notifier]:
     """A fresh notifier database holding the business tables and the outbox."""
-    if database_url.startswith("sqlite"):
-        path = tmp_path / "notifier.db"
-        with sqlite3.connect(path) as conn:
-            # Producers and a relay at once: readers must not block the writer.
-            conn.execute("PRAGMA journal_mode=WAL")
-        made = Notifier(f"sqlite:///{path}", f"sqlite+aiosqlite:///{path}")
-    else:
-        name = f"notifier_test_{random.token_hex(6)}"
-        postgres_admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        made = Notifier(f"{POSTGRES}/{name}", f"{POSTGRES}/{name}", name)
-    engine = made.engine()
-    business.create_all(engine)
-    create_all(engine)
-    engine.dispose()
-    try:
+    with side_database(database_url, tmp_path, "notifier") as (url, async_url):
+        made = Notifier(url, async_url)
+        engine = made.engine()
+        business.create_all(engine)
+        create_all(engine)
+        engine.dispose()
         yield made
-    finally:
-        if made.postgres_name is not None:
-            postgres_admin(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(made.postgres_name)
-                )
-            )
 
 
 def outbox_rows(notifier: Notifier, table: sa.Table = OUTBOX) -> list[sa.Row[Any]]:

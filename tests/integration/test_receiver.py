@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import secrets as random
-import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -23,7 +21,6 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI
-from psycopg import sql
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -33,16 +30,14 @@ from tests.integration.harness import (
     Reply,
     Tidings,
     attempts_of,
-    postgres_admin,
     serve,
+    side_database,
 )
 from tidings.api.app import create_app
 from tidings.client import Client
 from tidings.receiver import AsyncDeduplicator, Deduplicator, Handled, Verified
 from tidings.receiver.adapters import WebhookMiddleware, starlette_endpoint, verified_webhook
 from tidings.signing import generate_secret, webhook_headers
-
-POSTGRES: Final = "postgresql+psycopg://postgres@127.0.0.1:5432"
 
 own = sa.MetaData()
 # What the receiver's handler changes: one row per recharge it applied.
@@ -63,7 +58,6 @@ class ReceiverDb:
 
     url: str
     async_url: str
-    postgres_name: str | None = None
 
     def engine(self) -> sa.Engine:
         """A fresh synchronous engine; the caller disposes it."""
@@ -87,28 +81,13 @@ class ReceiverDb:
 @pytest.fixture
 def own_db(database_url: str, tmp_path: Path) -> Iterator[ReceiverDb]:
     """A fresh receiver database with its `applied` table and the processed-ids table."""
-    if database_url.startswith("sqlite"):
-        path = tmp_path / "receiver.db"
-        with sqlite3.connect(path) as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-        made = ReceiverDb(f"sqlite:///{path}", f"sqlite+aiosqlite:///{path}")
-    else:
-        name = f"receiver_test_{random.token_hex(6)}"
-        postgres_admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        made = ReceiverDb(f"{POSTGRES}/{name}", f"{POSTGRES}/{name}", name)
-    engine = made.engine()
-    own.create_all(engine)
-    Deduplicator(engine).create_table()
-    engine.dispose()
-    try:
+    with side_database(database_url, tmp_path, "receiver") as (url, async_url):
+        made = ReceiverDb(url, async_url)
+        engine = made.engine()
+        own.create_all(engine)
+        Deduplicator(engine).create_table()
+        engine.dispose()
         yield made
-    finally:
-        if made.postgres_name is not None:
-            postgres_admin(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(made.postgres_name)
-                )
-            )
 
 
 def apply_sync(conn: Connection, recharge_id: str, amount: int = 100) -> None:

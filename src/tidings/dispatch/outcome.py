@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 from tidings.dispatch.http import HttpResult
 from tidings.models import Attempt, Claim, Endpoint, Outcome, OutcomeKind
@@ -61,15 +62,6 @@ def decide_http(
     succeeded = result.status_code is not None and endpoint.success.accepts(
         result.status_code, result.body_head
     )
-    kept = HttpResult(
-        started_at=result.started_at,
-        duration_ms=result.duration_ms,
-        status_code=result.status_code,
-        body_head=result.body_head[:excerpt_bytes],
-        location=result.location,
-        retry_after_s=result.retry_after_s,
-        error_class=result.error_class,
-        error_detail=result.error_detail,
-    )
+    kept = replace(result, body_head=result.body_head[:excerpt_bytes])
     attempt = attempt_from_result(claim, kept, succeeded)
     return decide_outcome(claim, endpoint, attempt, now=now, rng=rng)

@@ -31,10 +31,3 @@ async def upgrade_async(engine: AsyncEngine, revision: str = "head") -> None:
     """Bring the schema behind `engine` up to `revision`."""
     async with engine.begin() as conn:
         await conn.run_sync(_upgrade, revision)
-
-
-def current_revision(connection: Connection) -> str | None:
-    """The revision the database is at, if any."""
-    from alembic.runtime.migration import MigrationContext
-
-    return MigrationContext.configure(connection).get_current_revision()

@@ -274,7 +274,7 @@ def keys_revoke(key_id: str, database_url: DatabaseOption = None) -> None:
     """Revoke an API key at once."""
 
     async def work(service: Any) -> Any:
-        await service.store.revoke_key(key_id, service.clock.now())
+        await service.revoke_key(key_id)
 
     _with_service(database_url, work)
     typer.echo(f"revoked {key_id}")

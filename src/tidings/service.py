@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tidings.auth import NewKey, Scope, make_key
+from tidings.auth import ApiKey, NewKey, Scope, make_key
 from tidings.brokers import open_broker
 from tidings.brokers.base import Broker
 from tidings.brokers.embedded import EmbeddedBroker
@@ -31,6 +32,8 @@ from tidings.success import SuccessRule
 log = logging.getLogger(__name__)
 
 _MAX_TOPIC_CHARS = 200
+# How long a looked-up API key is trusted without asking the store again.
+KEY_CACHE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ class Service:
         self._dispatcher_task: asyncio.Task[None] | None = None
         self._sender: HttpSender | None = None
         self._purger: Purger | None = None
+        self._keys: dict[str, tuple[float, ApiKey]] = {}
 
     # lifecycle -------------------------------------------------------------------------
 
@@ -370,6 +374,32 @@ class Service:
             extra={"action": "key_created"},
         )
         return made
+
+    async def key_by_hash(self, key_hash: str) -> ApiKey | None:
+        """The key with this hash; asked of the store at most once a second per key.
+
+        Every API request checks its key, and a store round trip per request was a tenth of
+        the cost of a send under load.
+        """
+        now = time.monotonic()
+        cached = self._keys.get(key_hash)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        key = await self.store.key_by_hash(key_hash)
+        if key is None:
+            self._keys.pop(key_hash, None)  # unknown keys are not cached: a new one works at once
+        else:
+            if len(self._keys) > 10_000:
+                self._keys.clear()
+            # Limitation: a key revoked by another process (`tidings keys revoke`) is still
+            # accepted here for up to KEY_CACHE_S; one revoked through this API is not.
+            self._keys[key_hash] = (now + KEY_CACHE_S, key)
+        return key
+
+    async def revoke_key(self, key_id: str) -> None:
+        """Revoke a key; this process refuses it from now on."""
+        await self.store.revoke_key(key_id, self.clock.now())
+        self._keys = {h: entry for h, entry in self._keys.items() if entry[1].id != key_id}
 
     async def ensure_admin_key(self) -> str | None:
         """Make the first admin key when there is none; returns its plain text if made."""

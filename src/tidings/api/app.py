@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tidings import __version__
 from tidings.api import endpoints, errors, keys, notifications
 from tidings.api.errors import error_response
+from tidings.api.submit import SubmitDoor, opens
 from tidings.service import Service
 
 # Room for the JSON envelope and base64's third on top of the payload limit.
@@ -18,12 +19,24 @@ _ENVELOPE_FACTOR = 1.4
 _ENVELOPE_SLACK_BYTES = 16 * 1024
 
 
+class TidingsApi(FastAPI):
+    """FastAPI, but a send goes straight to its door and never enters the framework's stack."""
+
+    door: SubmitDoor | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.door is not None and opens(scope):
+            await self.door(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
 def create_app(
     service: Service,
     *,
     manage_lifecycle: bool = True,
     on_started: Callable[[Service], Awaitable[None]] | None = None,
-) -> FastAPI:
+) -> TidingsApi:
     """The API over `service`; with `manage_lifecycle` it starts and stops the service."""
 
     @asynccontextmanager
@@ -38,7 +51,7 @@ def create_app(
             if manage_lifecycle:
                 await service.stop()
 
-    app = FastAPI(
+    app = TidingsApi(
         title="Tidings",
         version=__version__,
         summary="Best-effort notification: deliveries, retries on a ladder, reconciliation.",
@@ -52,6 +65,9 @@ def create_app(
     limit = int(service.settings.max_payload_bytes * _ENVELOPE_FACTOR) + _ENVELOPE_SLACK_BYTES
     app.add_middleware(
         BodyLimit, limit_bytes=limit, payload_max_bytes=service.settings.max_payload_bytes
+    )
+    app.door = SubmitDoor(
+        service, limit_bytes=limit, payload_max_bytes=service.settings.max_payload_bytes
     )
 
     @app.get("/healthz", tags=["operations"])

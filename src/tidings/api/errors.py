@@ -33,7 +33,8 @@ def error_response(status: int, code: str, message: str, **headers: str) -> JSON
     return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
 
 
-def _describe(error: dict[str, Any]) -> str:
+def describe(error: dict[str, Any]) -> str:
+    """One validation problem as `field: what is wrong`."""
     where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
     message = str(error.get("msg", "invalid"))
     if error.get("type") == "extra_forbidden":
@@ -76,7 +77,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [_describe(dict(e)) for e in exc.errors()[:5]]
+        problems = [describe(dict(e)) for e in exc.errors()[:5]]
         return error_response(422, "invalid_input", "; ".join(problems))
 
     @app.exception_handler(StarletteHTTPException)

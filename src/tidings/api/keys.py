@@ -88,5 +88,5 @@ async def list_keys(request: Request, _: Admin) -> KeyList:
 @router.delete("/{key_id}", status_code=204, responses=_ERRORS)
 async def revoke_key(key_id: str, request: Request, _: Admin) -> Response:
     """Revoke a key at once."""
-    await _service(request).store.revoke_key(key_id, _service(request).clock.now())
+    await _service(request).revoke_key(key_id)
     return Response(status_code=204)

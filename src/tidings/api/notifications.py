@@ -99,6 +99,14 @@ async def send_notification(body: NotificationIn, request: Request, key: Sender)
 
     A repeated `idempotency_key` answers 200 with the first notification.
     """
+    # Under create_app this route is answered by tidings.api.submit before FastAPI sees it;
+    # it stays declared for the OpenAPI document and for routers mounted without it.
+    status, content = await accept(_service(request), key, body)
+    return Response(content, status_code=status, media_type=_JSON)
+
+
+async def accept(service: Service, key: ApiKey, body: NotificationIn) -> tuple[int, bytes]:
+    """Send `body` as `key`: the status (201 new, 200 repeated) and the JSON to answer."""
     if not key.may_send(body.topic):
         raise Forbidden(
             f"this key may not send on topic {body.topic!r}; its topics: {', '.join(key.topics)}"
@@ -111,11 +119,11 @@ async def send_notification(body: NotificationIn, request: Request, key: Sender)
         key=body.key,
         idempotency_key=body.idempotency_key,
     )
-    notification, created = await _service(request).send(new)
+    notification, created = await service.send(new)
     # Serialised here rather than by FastAPI, which would validate the model a second time
     # and walk it with jsonable_encoder: a fifth of the cost of a send under load.
     shown = NotificationOut.of(notification, with_attempts=not created)
-    return Response(shown.model_dump_json(), status_code=201 if created else 200, media_type=_JSON)
+    return (201 if created else 200), shown.model_dump_json().encode()
 
 
 def _parse_time(value: str | None, field: str) -> float | None:

@@ -17,6 +17,33 @@ _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: 
 _LOCAL_ADMIN = ApiKey(id="local", scope=Scope.ADMIN, key_hash="", created_at=0.0, name="local")
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header value, else None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+async def authenticate(service: Service, token: str | None, allowed: set[Scope]) -> ApiKey:
+    """The key behind `token` if it may act with one of `allowed`; raises otherwise."""
+    if not service.settings.auth_required:
+        return _LOCAL_ADMIN
+    if not token:
+        raise Unauthenticated()
+    key = await service.key_by_hash(hash_key(token))
+    if key is None or key.revoked:
+        raise Unauthenticated("the API key is unknown or revoked; ask an operator for a valid key")
+    if key.scope not in allowed:
+        names = ", ".join(sorted(s.value for s in allowed))
+        raise Forbidden(
+            f"a {key.scope.value} key may not do this; it needs a key with scope {names}"
+        )
+    return key
+
+
 def require(*scopes: Scope) -> Callable[[Request], Awaitable[ApiKey]]:
     """A dependency that admits keys of `scopes` (admin always) and returns the key."""
     allowed = {Scope.ADMIN, *scopes}
@@ -24,20 +51,7 @@ def require(*scopes: Scope) -> Callable[[Request], Awaitable[ApiKey]]:
     async def dependency(request: Request) -> ApiKey:
         credentials: HTTPAuthorizationCredentials | None = await _bearer(request)
         service: Service = request.app.state.service
-        if not service.settings.auth_required:
-            return _LOCAL_ADMIN
-        if credentials is None or not credentials.credentials:
-            raise Unauthenticated()
-        key = await service.store.key_by_hash(hash_key(credentials.credentials))
-        if key is None or key.revoked:
-            raise Unauthenticated(
-                "the API key is unknown or revoked; ask an operator for a valid key"
-            )
-        if key.scope not in allowed:
-            names = ", ".join(sorted(s.value for s in allowed))
-            raise Forbidden(
-                f"a {key.scope.value} key may not do this; it needs a key with scope {names}"
-            )
-        return key
+        token = credentials.credentials if credentials else None
+        return await authenticate(service, token, allowed)
 
     return dependency

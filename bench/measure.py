@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.config import Scenario
 from bench.harness import SubmitResult
+from bench.procs import Child, own_cpu_s
 
 
 @dataclass
@@ -34,6 +35,11 @@ class RunResult:
     p50_ms: float | None = None
     p99_ms: float | None = None
     peak_rss_mb: float | None = None
+    # CPU ms per delivered notification, from the first submit to the last delivery awaited.
+    cpu_producers_ms: float | None = None
+    cpu_system_ms: float | None = None
+    cpu_receivers_ms: float | None = None
+    cpu_total_ms: float | None = None
     warmup_s: float | None = None
     backlog: int = 0
     # The machine's 1-minute load average as the run began and ended (others' work shows).
@@ -92,6 +98,58 @@ def fill(
         result.p99_ms = percentile(latencies_ms, 0.99)
 
 
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU seconds spent so far by each role: the system's per process id."""
+
+    producers_s: float
+    receivers_s: float | None
+    system_s: Mapping[int, float]
+
+
+def sample_cpu(receivers: Child, system: Sequence[Child]) -> CpuSample:
+    """The CPU seconds of this process (the producers), the receivers and the system's."""
+    readings = {child.pid: child.cpu_s() for child in system}
+    return CpuSample(
+        producers_s=own_cpu_s(),
+        receivers_s=receivers.cpu_s(),
+        system_s={pid: cpu_s for pid, cpu_s in readings.items() if cpu_s is not None},
+    )
+
+
+def _system_spent_s(before: CpuSample, after: CpuSample) -> float | None:
+    if any(pid not in after.system_s for pid in before.system_s):
+        return None  # a process ended in between: what it spent since `before` is unknown
+    # A process that started in between (the raw sender) counts from 0.
+    return sum(cpu_s - before.system_s.get(pid, 0.0) for pid, cpu_s in after.system_s.items())
+
+
+def charge_cpu(result: RunResult, before: CpuSample, after: CpuSample) -> None:
+    """Each role's CPU between two samples, in ms per delivered notification (after fill)."""
+    if not result.delivered:
+        return
+
+    def per_notification_ms(spent_s: float | None) -> float | None:
+        return None if spent_s is None else spent_s * 1000 / result.delivered
+
+    receivers_s = None
+    if before.receivers_s is not None and after.receivers_s is not None:
+        receivers_s = after.receivers_s - before.receivers_s
+    result.cpu_producers_ms = per_notification_ms(after.producers_s - before.producers_s)
+    result.cpu_system_ms = per_notification_ms(_system_spent_s(before, after))
+    result.cpu_receivers_ms = per_notification_ms(receivers_s)
+    parts = (result.cpu_producers_ms, result.cpu_system_ms, result.cpu_receivers_ms)
+    if all(part is not None for part in parts):
+        result.cpu_total_ms = sum(part for part in parts if part is not None)
+
+
+def cpu_ceiling_per_s(total_ms: float | None, cores: int) -> float | None:
+    """The deliveries/s `cores` could sustain at `total_ms` of CPU per notification."""
+    if total_ms is None or total_ms <= 0:
+        return None
+    return cores * 1000 / total_ms
+
+
 def _median(values: Iterable[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
@@ -111,6 +169,10 @@ class Figure:
     p50_ms: float | None
     p99_ms: float | None
     peak_rss_mb: float | None
+    cpu_producers_ms: float | None
+    cpu_system_ms: float | None
+    cpu_receivers_ms: float | None
+    cpu_total_ms: float | None
     load: float | None
     delivered: int
     target: int
@@ -148,6 +210,11 @@ def figures(results: Sequence[RunResult]) -> dict[tuple[str, str], Figure]:
             p50_ms=_median(r.p50_ms for r in runs),
             p99_ms=_median(r.p99_ms for r in runs),
             peak_rss_mb=_median(r.peak_rss_mb for r in runs),
+            cpu_producers_ms=_median(r.cpu_producers_ms for r in runs),
+            cpu_system_ms=_median(r.cpu_system_ms for r in runs),
+            cpu_receivers_ms=_median(r.cpu_receivers_ms for r in runs),
+            # The median of each run's total, so it need not equal the sum of the medians.
+            cpu_total_ms=_median(r.cpu_total_ms for r in runs),
             load=_median(
                 max(r.load_before, r.load_after)
                 for r in runs

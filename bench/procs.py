@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from typing import IO
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 _live: dict[int, Child] = {}
 
@@ -84,6 +86,10 @@ class Child:
                 return int(line.split()[1]) / 1024
         return None
 
+    def cpu_s(self) -> float | None:
+        """CPU seconds (user + system) spent so far; None once it has been reaped."""
+        return process_cpu_s(self.pid)
+
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM to the child's process group, SIGKILL after `grace_s`."""
         if self.alive():
@@ -102,6 +108,29 @@ class Child:
             self.process.stdout.close()
         self._log.close()
         _live.pop(self.pid, None)
+
+
+def stat_cpu_ticks(stat: str) -> int:
+    """utime + stime, in clock ticks, from the text of a `/proc/<pid>/stat` file."""
+    # The command name (field 2) sits in parentheses and may hold spaces and ')' itself,
+    # so the numbered fields are counted from the last ')'.
+    fields = stat[stat.rindex(")") + 1 :].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) process `pid` spent; None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat_cpu_ticks(stat) / CLOCK_TICKS_PER_S
+
+
+def own_cpu_s() -> float:
+    """CPU seconds (user + system, all threads) this process spent."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def stop_all() -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.config import BenchConfig, Scenario
-from bench.measure import Figure
+from bench.measure import Figure, cpu_ceiling_per_s
 from bench.procs import REPO
 
 TIDINGS_SYSTEMS = ("tidings", "tidings-pg-1", "tidings-pg-2")
@@ -117,8 +117,42 @@ def targets(found: Mapping[tuple[str, str], Figure]) -> list[Target]:
     return out
 
 
+def _cpu_table(
+    scenario: Scenario,
+    systems: Sequence[tuple[str, str]],
+    found: Mapping[tuple[str, str], Figure],
+    usable_cores: int,
+) -> list[str]:
+    """CPU ms per delivered notification by role, and the rate CPU alone would allow."""
+    figures = [
+        (system_label, found[(system, scenario.name)])
+        for system, system_label in systems
+        if (system, scenario.name) in found
+    ]
+    if not any(figure.cpu_total_ms is not None for _, figure in figures):
+        return []
+    lines = [
+        f"CPU ms per delivered notification; CPU ceiling/s = {usable_cores} usable cores "
+        "x 1000 / total ms:",
+        "",
+        "| system | producers | system | receivers | total | CPU ceiling/s | deliveries/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for system_label, figure in figures:
+        ceiling = cpu_ceiling_per_s(figure.cpu_total_ms, usable_cores)
+        lines.append(
+            f"| {system_label} | {_fmt(figure.cpu_producers_ms, 3)} "
+            f"| {_fmt(figure.cpu_system_ms, 3)} | {_fmt(figure.cpu_receivers_ms, 3)} "
+            f"| {_fmt(figure.cpu_total_ms, 3)} | {_fmt(ceiling)} | {_fmt(figure.delivery_rate)} |"
+        )
+    return ["", *lines]
+
+
 def _scenario_table(
-    scenario: Scenario, systems: Sequence[tuple[str, str]], found: Mapping[tuple[str, str], Figure]
+    scenario: Scenario,
+    systems: Sequence[tuple[str, str]],
+    found: Mapping[tuple[str, str], Figure],
+    usable_cores: int,
 ) -> list[str]:
     label = HEADLINE[scenario.name][1]
     lines = [
@@ -150,6 +184,7 @@ def _scenario_table(
             f"| {_fmt(figure.peak_rss_mb)} | {figure.delivered:,}/{figure.target:,} "
             f"| {vs_celery} | {vs_raw} | {_fmt(figure.load, 1)} |"
         )
+    lines += _cpu_table(scenario, systems, found, usable_cores)
     problems = [
         f"- {found[(system, scenario.name)].system}: {problem.replace(str(REPO) + '/', '')}"
         for system, _ in systems
@@ -173,6 +208,7 @@ def write_markdown(
     systems: Sequence[tuple[str, str]],
     found: Mapping[tuple[str, str], Figure],
     notes: Sequence[str],
+    usable_cores: int,
 ) -> None:
     """Write the Markdown report."""
     lines = [
@@ -211,7 +247,7 @@ def write_markdown(
         lines.append(f"| {target.name} | {target.measured} | {verdict} |")
     lines += ["", "## Results", ""]
     for scenario in scenarios:
-        lines += _scenario_table(scenario, systems, found)
+        lines += _scenario_table(scenario, systems, found, usable_cores)
     if notes:
         lines += ["## Notes", "", *(f"- {note}" for note in dict.fromkeys(notes)), ""]
     path.write_text("\n".join(lines))

@@ -120,7 +120,13 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile([], 0.5) is None
 
 
-def _figure(system: str, scenario_name: str, rate: float, p99_ms: float = 1.0) -> Figure:
+def _figure(
+    system: str,
+    scenario_name: str,
+    rate: float,
+    p99_ms: float = 1.0,
+    cpu_total_ms: float | None = None,
+) -> Figure:
     return Figure(
         system=system,
         scenario=scenario_name,
@@ -132,6 +138,10 @@ def _figure(system: str, scenario_name: str, rate: float, p99_ms: float = 1.0) -
         p50_ms=p99_ms / 2,
         p99_ms=p99_ms,
         peak_rss_mb=100.0,
+        cpu_producers_ms=None if cpu_total_ms is None else cpu_total_ms / 4,
+        cpu_system_ms=None if cpu_total_ms is None else cpu_total_ms / 2,
+        cpu_receivers_ms=None if cpu_total_ms is None else cpu_total_ms / 4,
+        cpu_total_ms=cpu_total_ms,
         load=1.0,
         delivered=10,
         target=10,
@@ -142,9 +152,9 @@ def _figure(system: str, scenario_name: str, rate: float, p99_ms: float = 1.0) -
 def test_the_report_gives_tidings_ratios_to_celery_and_raw(tmp_path: Path) -> None:
     config = BenchConfig()
     found = {
-        ("raw", "S1"): _figure("raw", "S1", 4000.0),
+        ("raw", "S1"): _figure("raw", "S1", 4000.0, cpu_total_ms=0.4),
         ("celery", "S1"): _figure("celery", "S1", 400.0),
-        ("tidings", "S1"): _figure("tidings", "S1", 2400.0),
+        ("tidings", "S1"): _figure("tidings", "S1", 2400.0, cpu_total_ms=0.8),
         ("tidings", "S5"): _figure("tidings", "S5", 1200.0, p99_ms=40.0),
     }
     systems = [("raw", "raw"), ("celery", "Celery"), ("tidings", "Tidings embedded")]
@@ -160,6 +170,7 @@ def test_the_report_gives_tidings_ratios_to_celery_and_raw(tmp_path: Path) -> No
         systems=systems,
         found=found,
         notes=["a note"],
+        usable_cores=2,
     )
     text = md.read_text()
     assert "| Tidings embedded | 2,400 | 2,400 |" in text
@@ -168,6 +179,11 @@ def test_the_report_gives_tidings_ratios_to_celery_and_raw(tmp_path: Path) -> No
     assert "| S1: Tidings embedded >= 0.5x raw limit | 0.60x | yes |" in text
     assert "| S5: Tidings embedded p99 <= 50 ms | 40.0 ms | yes |" in text
     assert "| S4: Tidings embedded >= 0.9x its S1 | — | not measured |" in text
+    # producers, system, receivers, total ms per notification; 2 cores x 1000 / total
+    assert "| Tidings embedded | 0.200 | 0.400 | 0.200 | 0.800 | 2,500 | 2,400 |" in text
+    assert "| raw | 0.100 | 0.200 | 0.100 | 0.400 | 5,000 | 4,000 |" in text
+    assert "| Celery | — | — | — | — | — | 400 |" in text
+    assert text.count("CPU ceiling/s = 2 usable cores") == 1  # S5 measured no CPU
     png = tmp_path / "latest.png"
     write_chart(png, [scenario("S1", config), scenario("S5", config)], systems, found)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Collection, Sequence
 from typing import Any, NamedTuple
@@ -237,6 +238,102 @@ _MOVE_ON = (
         updated_at=sa.bindparam("b_now"),
     )
 )
+
+# The hot path's statements are built once, with every value a parameter: building
+# SQLAlchemy expressions per call cost more CPU than SQLite spent running them.
+_IDS: sa.BindParameter[Any] = sa.bindparam("b_ids", expanding=True)
+
+# A notification's status, derived again from its deliveries.
+_REFRESH_STATUS = (
+    notifications.update().where(notifications.c.id.in_(_IDS)).values(status=_summary_status())
+)
+
+# What a claim carries of each notification.
+_BODIES = sa.select(
+    notifications.c.id,
+    notifications.c.body,
+    notifications.c.content_type,
+    notifications.c.topic,
+    notifications.c.created_at,
+).where(notifications.c.id.in_(_IDS))
+
+# Every gated endpoint, and whether it has work due.
+_GATED = sa.select(
+    endpoint_health.c.endpoint_id,
+    sa.exists()
+    .where(
+        deliveries.c.endpoint_id == endpoint_health.c.endpoint_id,
+        deliveries.c.next_attempt_at <= sa.bindparam("b_now"),
+    )
+    .label("has_due"),
+).where(endpoint_health.c.gated.is_(True))
+
+# The breaker and limits of some endpoints.
+_HEALTH_OF = (
+    sa.select(
+        endpoint_health,
+        endpoints.c.rate_limit_per_s,
+        endpoints.c.max_in_flight,
+        endpoints.c.enabled,
+    )
+    .join(endpoints, endpoints.c.id == endpoint_health.c.endpoint_id)
+    .where(endpoint_health.c.endpoint_id.in_(_IDS))
+)
+
+
+@functools.cache
+def _claim_statement(*, excluding: bool, only_ids: bool, one_endpoint: bool) -> sa.Update:
+    """Lease up to b_limit due deliveries (oldest due first), in one of the claim's shapes.
+
+    Parameters: b_now, b_limit, b_until (the lease's end), b_owner; b_excluded (endpoints
+    left out) when `excluding`, b_ids (deliveries announced) when `only_ids`, b_endpoint
+    when `one_endpoint`.
+    """
+    d = deliveries.c
+    now: sa.BindParameter[float] = sa.bindparam("b_now", type_=sa.Float)
+    due = (
+        sa.select(d.id)
+        .where(d.next_attempt_at <= now)
+        .order_by(d.next_attempt_at)
+        .limit(sa.bindparam("b_limit", type_=sa.Integer))
+        .with_for_update(skip_locked=True)
+    )
+    if one_endpoint:
+        due = due.where(d.endpoint_id == sa.bindparam("b_endpoint"))
+    if excluding:
+        due = due.where(d.endpoint_id.not_in(sa.bindparam("b_excluded", expanding=True)))
+    if only_ids:
+        due = due.where(d.id.in_(sa.bindparam("b_ids", expanding=True)))
+    was_leased = d.status == DeliveryStatus.DELIVERING.value
+    # A queue subscriber group that did not answer in time is not a crash.
+    was_handed_over = sa.and_(was_leased, d.lease_owner.startswith(HAND_OVER_PREFIX))
+    return (
+        deliveries.update()
+        .where(d.id.in_(due.scalar_subquery()), d.next_attempt_at <= now)
+        .values(
+            # Right-hand sides see the old row: a lease that ran out means the process
+            # holding it died (or stalled) mid-attempt.
+            reclaimed=was_leased,
+            crashes=d.crashes
+            + sa.case((sa.and_(was_leased, sa.not_(was_handed_over)), 1), else_=0),
+            status=DeliveryStatus.DELIVERING.value,
+            attempt_count=d.attempt_count + 1,
+            next_attempt_at=sa.bindparam("b_until"),
+            # RETURNING shows the new row only: the marker tells which were hand-overs.
+            lease_owner=sa.case((was_handed_over, _TAKEN_BACK), else_=sa.bindparam("b_owner")),
+            updated_at=now,
+        )
+        .returning(
+            d.id,
+            d.notification_id,
+            d.endpoint_id,
+            d.attempt_count,
+            d.deadline_at,
+            d.reclaimed,
+            d.crashes,
+            d.lease_owner,
+        )
+    )
 
 
 class _Unattempted(NamedTuple):
@@ -717,23 +814,19 @@ class SqlStore(Store):
         delivery_ids: Sequence[str] | None = None,
         max_crashes: int = 3,
     ) -> list[Claim]:
-        d = deliveries.c
         async with self.engine.begin() as conn:
             # Read in the claim's own transaction: one snapshot, and no second connection.
             gated = await self._gated(conn, now)
             excluded = [*exclude_endpoints, *gated]
-            due = (
-                sa.select(d.id)
-                .where(d.next_attempt_at <= now)
-                .order_by(d.next_attempt_at)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
+            statement = _claim_statement(
+                excluding=bool(excluded), only_ids=delivery_ids is not None, one_endpoint=False
             )
+            params: dict[str, Any] = {"b_limit": limit}
             if excluded:
-                due = due.where(d.endpoint_id.not_in(excluded))
+                params["b_excluded"] = excluded
             if delivery_ids is not None:
-                due = due.where(d.id.in_(list(delivery_ids)))
-            claims = await self._lease(conn, due, now, lease_s, owner, max_crashes)
+                params["b_ids"] = list(delivery_ids)
+            claims = await self._lease(conn, statement, params, now, lease_s, owner, max_crashes)
         for endpoint_id, has_due in gated.items():
             room = limit - len(claims)
             if room <= 0:
@@ -750,10 +843,8 @@ class SqlStore(Store):
         All of them are kept out of the plain claim, not only those with work due now:
         a delivery may fall due between this read and that claim.
         """
-        h, d = endpoint_health.c, deliveries.c
-        has_due = sa.exists().where(d.endpoint_id == h.endpoint_id, d.next_attempt_at <= now)
-        query = sa.select(h.endpoint_id, has_due.label("has_due")).where(h.gated.is_(True))
-        return {row.endpoint_id: bool(row.has_due) for row in await conn.execute(query)}
+        rows = await conn.execute(_GATED, {"b_now": now})
+        return {row.endpoint_id: bool(row.has_due) for row in rows}
 
     async def _claim_gated(
         self,
@@ -803,14 +894,9 @@ class SqlStore(Store):
             )
             if room <= 0:
                 return []
-            due = (
-                sa.select(d.id)
-                .where(d.endpoint_id == endpoint_id, d.next_attempt_at <= now)
-                .order_by(d.next_attempt_at)
-                .limit(room)
-                .with_for_update(skip_locked=True)
-            )
-            claims = await self._lease(conn, due, now, lease_s, owner, max_crashes)
+            statement = _claim_statement(excluding=False, only_ids=False, one_endpoint=True)
+            params = {"b_limit": room, "b_endpoint": endpoint_id}
+            claims = await self._lease(conn, statement, params, now, lease_s, owner, max_crashes)
             spent = spend(
                 health, now=now, started=len(claims), rate_limit_per_s=row.rate_limit_per_s
             )
@@ -883,45 +969,18 @@ class SqlStore(Store):
     async def _lease(
         self,
         conn: AsyncConnection,
-        due: sa.Select[Any],
+        statement: sa.Update,
+        params: dict[str, Any],
         now: float,
         lease_s: float,
         owner: str,
         max_crashes: int,
     ) -> list[Claim]:
-        """Lease the deliveries `due` selects; record lost attempts; refuse late ones."""
+        """Lease what `statement` (a `_claim_statement`) selects; record lost attempts;
+        refuse late ones."""
         d = deliveries.c
-        was_leased = d.status == DeliveryStatus.DELIVERING.value
-        # A queue subscriber group that did not answer in time is not a crash.
-        was_handed_over = sa.and_(was_leased, d.lease_owner.startswith(HAND_OVER_PREFIX))
-        claim = (
-            deliveries.update()
-            .where(d.id.in_(due.scalar_subquery()), d.next_attempt_at <= now)
-            .values(
-                # Right-hand sides see the old row: a lease that ran out means the
-                # process holding it died (or stalled) mid-attempt.
-                reclaimed=was_leased,
-                crashes=d.crashes
-                + sa.case((sa.and_(was_leased, sa.not_(was_handed_over)), 1), else_=0),
-                status=DeliveryStatus.DELIVERING.value,
-                attempt_count=d.attempt_count + 1,
-                next_attempt_at=now + lease_s,
-                # RETURNING shows the new row only: the marker tells which were hand-overs.
-                lease_owner=sa.case((was_handed_over, _TAKEN_BACK), else_=owner),
-                updated_at=now,
-            )
-            .returning(
-                d.id,
-                d.notification_id,
-                d.endpoint_id,
-                d.attempt_count,
-                d.deadline_at,
-                d.reclaimed,
-                d.crashes,
-                d.lease_owner,
-            )
-        )
-        leased = (await conn.execute(claim)).all()
+        params = {**params, "b_now": now, "b_until": now + lease_s, "b_owner": owner}
+        leased = (await conn.execute(statement, params)).all()
         if not leased:
             return []
         taken_back = {row.id for row in leased if row.lease_owner == _TAKEN_BACK}
@@ -1021,12 +1080,7 @@ class SqlStore(Store):
     async def _bodies(self, conn: AsyncConnection, ids: set[str]) -> dict[str, Any]:
         if not ids:
             return {}
-        n = notifications.c
-        rows = await conn.execute(
-            sa.select(n.id, n.body, n.content_type, n.topic, n.created_at).where(
-                n.id.in_(sorted(ids))
-            )
-        )
+        rows = await conn.execute(_BODIES, {"b_ids": sorted(ids)})
         return {row.id: row for row in rows}
 
     async def renew_leases(self, *, owner: str, now: float, lease_s: float) -> int:
@@ -1172,13 +1226,9 @@ class SqlStore(Store):
         outcomes = [o for o in outcomes if o.attempt.error_class is not ErrorClass.INTERRUPTED]
         if not outcomes:
             return []
-        h, e = endpoint_health.c, endpoints.c
+        e = endpoints.c
         involved = sorted({o.claim.endpoint_id for o in outcomes})
-        rows = await conn.execute(
-            sa.select(endpoint_health, e.rate_limit_per_s, e.max_in_flight, e.enabled)
-            .join(endpoints, e.id == h.endpoint_id)
-            .where(h.endpoint_id.in_(involved))
-        )
+        rows = await conn.execute(_HEALTH_OF, {"b_ids": involved})
         known = {row.endpoint_id: row for row in rows}
         failing = {o.claim.endpoint_id for o in outcomes if not o.attempt.succeeded}
         disabled: list[str] = []
@@ -1316,11 +1366,7 @@ class SqlStore(Store):
     async def _refresh_status(self, conn: AsyncConnection, notification_ids: set[str]) -> None:
         if not notification_ids:
             return
-        await conn.execute(
-            notifications.update()
-            .where(notifications.c.id.in_(sorted(notification_ids)))
-            .values(status=_summary_status())
-        )
+        await conn.execute(_REFRESH_STATUS, {"b_ids": sorted(notification_ids)})
 
     async def next_due_at(self) -> float | None:
         async with self.reader.connect() as conn:

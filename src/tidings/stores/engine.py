@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from tidings.errors import ConfigurationError
+from tidings.stores import onehop
 
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -43,6 +44,9 @@ def create_engine_for(url: str, *, echo: bool = False, writer: bool = True) -> A
             hide_parameters=True,
         )
     kwargs: dict[str, Any] = {"echo": echo, "hide_parameters": True}
+    database = make_url(url).database
+    if database and ":memory:" not in database and "?" not in url:
+        kwargs["async_creator"] = onehop.creator(database)
     if ":memory:" in url or url.rstrip("/").endswith("sqlite+aiosqlite:"):
         kwargs["poolclass"] = StaticPool
     elif writer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from tests.integration.harness import Receiver, ReceiverFactory, Reply, Tidings
+from tidings.dispatch.dispatcher import START_CAP
 
 QUEUED = 50
 SLOW_ANSWER_S = 5.0
@@ -33,8 +34,7 @@ async def _check_isolation(tidings: Tidings, slow_rx: Receiver, healthy_rx: Rece
     await tidings.add_endpoint(healthy_rx.url("/healthy"), topics=["healthy.topic"])
     for n in range(QUEUED):
         await tidings.send({"n": n}, topic="slow.topic")
-    cap = tidings.service.settings.endpoint_concurrency
-    await slow_rx.wait_for(cap, "/slow")
+    await slow_rx.wait_for(START_CAP, "/slow")
 
     sent_at: dict[str, float] = {}
     for n in range(QUEUED):
@@ -47,6 +47,23 @@ async def _check_isolation(tidings: Tidings, slow_rx: Receiver, healthy_rx: Rece
     assert sorted(p.webhook_id for p in posts) == sorted(sent_at)
     assert delays_s[-1] < MAX_DELAY_S, f"slowest healthy delivery took {delays_s[-1]:.2f}s"
     # The slow endpoint stayed full throughout: its later deliveries queue behind its cap
-    # for several rounds of 5s each, and it never had more than the cap in flight.
+    # for several rounds of 5s each. Its answers never came quickly, so slow start never
+    # let it hold more than its first few slots.
     assert len(slow_rx.requests("/slow")) < QUEUED
-    assert slow_rx.max_in_flight["/slow"] == cap
+    assert slow_rx.max_in_flight["/slow"] == START_CAP
+
+
+async def test_an_endpoint_answering_quickly_is_opened_up_to_the_concurrency_cap_and_no_further(
+    tidings: Tidings, receiver: ReceiverFactory
+) -> None:
+    rx = await receiver()
+    rx.script("/hook", Reply(200, delay_s=0.3))  # quick enough to open the cap
+    await tidings.add_endpoint(rx.url("/hook"))
+    for n in range(QUEUED * 2):
+        await tidings.send({"n": n})
+
+    await rx.wait_for(QUEUED * 2, "/hook", timeout_s=20)
+
+    cap = tidings.service.settings.endpoint_concurrency
+    assert cap > START_CAP
+    assert rx.max_in_flight["/hook"] == cap

@@ -36,6 +36,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _WRITE_BATCH = 500
+# Slow start: an endpoint first gets this many claims at a time, doubled by each answer
+# quicker than SLOW_S up to the full cap, halved by each slower one. An endpoint that
+# hangs so holds few of the dispatcher's slots, not a full share, while it times out.
+START_CAP = 4
+SLOW_S = 1.0
 _STORE_RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -82,6 +87,7 @@ class Dispatcher:
         self._held_per_endpoint: defaultdict[str, int] = defaultdict(int)
         self._endpoint_slots: dict[str, asyncio.Semaphore] = {}
         self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
+        self._unrecorded = 0  # outcomes queued or being written: held, but not in flight
         self._room = asyncio.Event()
         self._suspect: Claim | None = None  # being attempted alone; see _start_attempt
         self._side_tasks: set[asyncio.Task[None]] = set()
@@ -89,6 +95,7 @@ class Dispatcher:
         # so many that a few hanging endpoints fill every slot of the dispatcher.
         concurrency = config.endpoint_concurrency
         self._hold_cap = min(2 * concurrency, max(concurrency, config.max_in_flight // 4))
+        self._caps: dict[str, int] = {}  # the slow-start cap of each endpoint seen
         self._freed = asyncio.Event()
         self._attempts: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
@@ -129,7 +136,14 @@ class Dispatcher:
     async def _claim_loop(self) -> None:
         announced: list[str] | None = None
         while not self._stop.is_set():
-            room = self.config.max_in_flight - len(self._held)
+            # A slot is free once its attempt ends, before the outcome is recorded: the
+            # record and the next claim then overlap instead of following one another.
+            # Claims awaiting their record are bounded too, should the store fall behind.
+            attempting = len(self._held) - self._unrecorded
+            room = min(
+                self.config.max_in_flight - attempting,
+                2 * self.config.max_in_flight - len(self._held),
+            )
             if self._suspect is not None:
                 self._room.clear()
                 await self._room.wait()
@@ -164,8 +178,18 @@ class Dispatcher:
             announced = await self._wait_due()
 
     def _busy_endpoints(self) -> list[str]:
-        cap = self._hold_cap
-        return [ep for ep, held in self._held_per_endpoint.items() if held >= cap]
+        return [ep for ep, held in self._held_per_endpoint.items() if held >= self._cap(ep)]
+
+    def _cap(self, endpoint_id: str) -> int:
+        return self._caps.get(endpoint_id, min(START_CAP, self._hold_cap))
+
+    def _pace(self, endpoint_id: str, result: HttpResult) -> None:
+        """Open an endpoint's cap after a quick answer, close it after a slow one."""
+        cap = self._cap(endpoint_id)
+        if result.error_class is None and result.duration_ms < SLOW_S * 1000:
+            self._caps[endpoint_id] = min(self._hold_cap, cap * 2)
+        else:
+            self._caps[endpoint_id] = max(START_CAP, cap // 2)
 
     async def _wait_due(self) -> list[str] | None:
         """The broker's news, cut short by stop(): a broker may wait seconds for news."""
@@ -264,7 +288,7 @@ class Dispatcher:
             self._held_per_endpoint.pop(claim.endpoint_id, None)
         else:
             self._held_per_endpoint[claim.endpoint_id] = left
-        if left == self._hold_cap - 1:
+        if left == self._cap(claim.endpoint_id) - 1:
             # The endpoint was left out of the last claim for being busy; it has room
             # again, and it may have work waiting: claim now rather than at the next poll.
             self._freed.set()
@@ -287,7 +311,7 @@ class Dispatcher:
             # Shutdown cut the attempt short: record it, and make the delivery due again.
             now = self.clock.now()
             attempt = interrupted_attempt(claim, now, "the dispatcher stopped mid-attempt")
-            self._outcomes.put_nowait(Outcome(claim, attempt, OutcomeKind.RETRY, now))
+            self._finish(Outcome(claim, attempt, OutcomeKind.RETRY, now))
             raise
         except Exception:
             log.exception(
@@ -298,7 +322,7 @@ class Dispatcher:
             now = self.clock.now()
             attempt = interrupted_attempt(claim, now, "internal error in the dispatcher")
             retry_at = now + self.config.lease_s
-            self._outcomes.put_nowait(Outcome(claim, attempt, OutcomeKind.RETRY, retry_at))
+            self._finish(Outcome(claim, attempt, OutcomeKind.RETRY, retry_at))
 
     async def _attempt_once(self, claim: Claim) -> None:
         endpoint = await self.endpoints.get(claim.endpoint_id)
@@ -307,7 +331,7 @@ class Dispatcher:
             if failed is None:
                 self._let_go(claim)  # the subscriber group holds it now
             else:
-                self._outcomes.put_nowait(failed)
+                self._finish(failed)
             return
         if endpoint is None or endpoint.kind is not EndpointKind.HTTP:
             # Removed meanwhile (its deliveries are cancelled) or not ours to send.
@@ -324,11 +348,18 @@ class Dispatcher:
                 timeout_s=endpoint.timeout_s,
                 attempt_number=claim.attempt_number,
             )
+        self._pace(endpoint.id, result)
         outcome = decide_http(
             claim, endpoint, result, now=self.clock.now(), excerpt_bytes=self.config.excerpt_bytes
         )
         self._log_outcome(outcome, result)
+        self._finish(outcome)
+
+    def _finish(self, outcome: Outcome) -> None:
+        """Queue an attempt's outcome for recording; its slot takes the next attempt now."""
         self._outcomes.put_nowait(outcome)
+        self._unrecorded += 1
+        self._room.set()
 
     def _log_outcome(self, outcome: Outcome, result: HttpResult) -> None:
         if outcome.kind is OutcomeKind.DELIVERED and not log.isEnabledFor(logging.DEBUG):
@@ -409,6 +440,7 @@ class Dispatcher:
                     extra={"action": "record_retry"},
                 )
                 await asyncio.sleep(_STORE_RETRY_S[min(failures, len(_STORE_RETRY_S)) - 1])
+        self._unrecorded -= len(batch)
         for outcome in batch:
             self._let_go(outcome.claim)
         await self._announce_retries(batch)

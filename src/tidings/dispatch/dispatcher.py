@@ -11,7 +11,7 @@ import signal
 import socket
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tidings.brokers.base import Broker
 from tidings.clock import Clock, SystemClock
@@ -122,6 +122,7 @@ class Dispatcher:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await self._flush_all()
+            await self._settle()
             if self.queues is not None:
                 await self.queues.close()
             log.info("dispatcher %s stopped", self.owner, extra={"action": "dispatcher_stop"})
@@ -495,6 +496,12 @@ class Dispatcher:
                 )
 
     # shutdown --------------------------------------------------------------------------
+
+    async def _settle(self) -> None:
+        """Let side tasks and endpoint reads end, so none holds a store connection past stop."""
+        waiting: list[asyncio.Future[Any]] = [*self._side_tasks, *self.endpoints.loading()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=self.config.shutdown_grace_s)
 
     async def _drain(self) -> None:
         """Give in-flight attempts the grace period, then cut them short (they record it)."""

@@ -51,6 +51,10 @@ class EndpointCache:
         self._entries[endpoint_id] = (now, endpoint)
         return endpoint
 
+    def loading(self) -> list[asyncio.Future[Endpoint | None]]:
+        """The reads in progress (a shutdown waits for them)."""
+        return list(self._loading.values())
+
     def forget(self, endpoint_id: str) -> None:
         """Drop a cached endpoint after it changed."""
         self._entries.pop(endpoint_id, None)

@@ -68,13 +68,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="auto",
         help="(d)'s broker: RabbitMQ when Tidings has one and it answers (auto), or none",
     )
-    parser.add_argument("--output", type=Path, default=RESULTS, help="where latest.* go")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="where latest.* go (default: bench/results, or bench/results/quick with --quick, "
+        "which git ignores so a quick run leaves the committed figures alone)",
+    )
     parser.add_argument(
         "--profile",
         action="store_true",
         help="py-spy on Tidings embedded during its first S1 run: profile.svg, profile.md",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = RESULTS / "quick" if args.quick else RESULTS
+    args.output.mkdir(parents=True, exist_ok=True)
+    return args
 
 
 def make_config(args: argparse.Namespace) -> BenchConfig:
@@ -417,9 +427,13 @@ class Bench:
             f"{config.producers} concurrent producers.",
             "Deliveries/s = notifications received (first success per id, at the receivers) "
             "/ (last receipt - first submit). Submit/s = accepted / submit time. Latency = "
-            "receipt - the moment the submit returned.",
+            "receipt - the moment the submit returned. POSTs per notification = POSTs counted "
+            "by the receivers / notifications sent; in S2 it is below 1 because the hanging "
+            "endpoints' POSTs never finish and are not counted.",
             "(a) raw: a separate process creating one asyncio task per notification, aiohttp "
-            "POST, in-memory retries; no persistence. Its 'submit' is an in-memory hand-off.",
+            "POST, in-memory retries; no persistence. Its 'submit' is an in-memory hand-off "
+            "of the whole run at once, so its latency (mostly queueing behind that hand-off) "
+            "does not compare with the others'.",
             "(b) Celery: `task.delay` from a pool of producer threads; the task POSTs with "
             "httpx, `self.retry(countdown=ladder[n])`, acks_late, no result backend, json, "
             f"worker `--pool threads --concurrency {config.concurrency}` in its own process, "

@@ -31,6 +31,9 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(demo_app, name="demo")
 
 _state = {"verbose": False}
+# Where the client commands look for the API unless told (TIDINGS_URL, --url): the port a
+# `tidings serve` started from the same environment listens on.
+DEFAULT_URL = f"http://127.0.0.1:{os.environ.get('TIDINGS_PORT') or 8080}"
 
 UrlOption = Annotated[
     str, typer.Option("--url", envvar="TIDINGS_URL", help="Base URL of the Tidings API.")
@@ -289,7 +292,7 @@ def send(
     payload: Annotated[str, typer.Argument(help="JSON payload, or @file to read it from.")],
     key: Annotated[str | None, typer.Option(help="Business key, e.g. the recharge id.")] = None,
     idempotency_key: Annotated[str | None, typer.Option()] = None,
-    url: UrlOption = "http://127.0.0.1:8080",
+    url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = None,
 ) -> None:
     """Send a notification with a JSON payload."""
@@ -307,7 +310,7 @@ def send(
 
 @app.command()
 def status(
-    notification_id: str, url: UrlOption = "http://127.0.0.1:8080", api_key: ApiKeyOption = None
+    notification_id: str, url: UrlOption = DEFAULT_URL, api_key: ApiKeyOption = None
 ) -> None:
     """Show a notification, its deliveries and every attempt."""
     with _client(url, api_key) as client:
@@ -322,7 +325,7 @@ def list_(
     created_after: str | None = None,
     cursor: str | None = None,
     limit: int = 20,
-    url: UrlOption = "http://127.0.0.1:8080",
+    url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = None,
 ) -> None:
     """List notifications, oldest first."""
@@ -341,7 +344,7 @@ def list_(
 
 @app.command()
 def redeliver(
-    notification_id: str, url: UrlOption = "http://127.0.0.1:8080", api_key: ApiKeyOption = None
+    notification_id: str, url: UrlOption = DEFAULT_URL, api_key: ApiKeyOption = None
 ) -> None:
     """Attempt every undelivered delivery of a notification now."""
     with _client(url, api_key) as client:
@@ -360,7 +363,7 @@ def relay(
     ],
     tidings_url: Annotated[
         str, typer.Option("--tidings-url", envvar="TIDINGS_URL", help="Base URL of the API.")
-    ] = "http://127.0.0.1:8080",
+    ] = DEFAULT_URL,
     api_key: ApiKeyOption = None,
     table: Annotated[str, typer.Option(help="Outbox table, or schema.table.")] = "tidings_outbox",
     interval_s: Annotated[float, typer.Option("--interval-s", min=0.01)] = 1.0,
@@ -413,7 +416,7 @@ def subscribe(
     timeout: Annotated[
         str, typer.Option(help="Time one message may take; the command is killed after it.")
     ] = "30s",
-    url: UrlOption = "http://127.0.0.1:8080",
+    url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = None,
     log_level: LogLevelOption = "info",
 ) -> None:
@@ -462,7 +465,7 @@ def endpoints_add(
     token: Annotated[str | None, typer.Option(help="Success body token, e.g. success.")] = None,
     timeout: Annotated[str | None, typer.Option(help="e.g. 10s")] = None,
     secret: str | None = None,
-    url: UrlOption = "http://127.0.0.1:8080",
+    url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = None,
 ) -> None:
     """Register an endpoint; prints its secret once."""
@@ -482,7 +485,7 @@ def endpoints_add(
 
 
 @endpoints_app.command("list")
-def endpoints_list(url: UrlOption = "http://127.0.0.1:8080", api_key: ApiKeyOption = None) -> None:
+def endpoints_list(url: UrlOption = DEFAULT_URL, api_key: ApiKeyOption = None) -> None:
     """List endpoints."""
     with _client(url, api_key) as client:
         _print(client.endpoints())
@@ -490,7 +493,7 @@ def endpoints_list(url: UrlOption = "http://127.0.0.1:8080", api_key: ApiKeyOpti
 
 @endpoints_app.command("remove")
 def endpoints_remove(
-    endpoint_id: str, url: UrlOption = "http://127.0.0.1:8080", api_key: ApiKeyOption = None
+    endpoint_id: str, url: UrlOption = DEFAULT_URL, api_key: ApiKeyOption = None
 ) -> None:
     """Remove an endpoint; its unfinished deliveries are cancelled."""
     with _client(url, api_key) as client:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -283,3 +284,47 @@ async def test_an_endpoint_registered_while_private_networks_were_allowed_is_blo
     )
     assert "loopback" in attempt["error_detail"]
     assert rx.requests() == []
+
+
+@pytest.mark.parametrize(
+    ("payload", "named"),
+    [
+        pytest.param("9" * 5000, "number too long", id="an integer of 5,000 digits"),
+        pytest.param("[" * 5000 + "]" * 5000, "nested too deeply", id="nested 5,000 deep"),
+    ],
+)
+async def test_json_python_cannot_read_is_refused_with_422_naming_the_problem(
+    tidings: Tidings, payload: str, named: str
+) -> None:
+    answer = await tidings.client.post(
+        "/v1/notifications",
+        content=f'{{"topic": "{TOPIC}", "payload": {payload}}}'.encode(),
+        headers={"Content-Type": "application/json"},
+    )
+
+    assert answer.status_code == 422, answer.text
+    assert named in answer.json()["message"]
+    await _nothing_stored(tidings)
+
+
+@pytest.mark.parametrize("path", ["/v1/notifications", "/v1/endpoints", "/v1/keys"])
+async def test_a_chunked_body_over_the_limit_is_refused_with_413_before_it_is_all_read(
+    tidings: Tidings, path: str
+) -> None:
+    chunk = b"x" * 65536
+    sent = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal sent
+        for _ in range(200):  # 12.5 MiB, with no Content-Length
+            sent += 1
+            yield chunk
+
+    answer = await tidings.client.post(
+        path, content=body(), headers={"Content-Type": "application/json"}
+    )
+
+    assert answer.status_code == 413, answer.text
+    assert answer.json()["error"] == "payload_too_large"
+    assert str(MAX_PAYLOAD_BYTES) in answer.json()["message"]
+    assert sent < 20  # stopped once past the limit (about 375 KiB)

@@ -12,7 +12,7 @@ import pytest
 
 from tidings.brokers.embedded import EmbeddedBroker
 from tidings.clock import FakeClock
-from tidings.dispatch.dispatcher import Dispatcher, DispatcherConfig
+from tidings.dispatch.dispatcher import START_CAP, Dispatcher, DispatcherConfig
 from tidings.dispatch.http import HttpResult, HttpSender
 from tidings.guard import AddressGuard
 from tidings.models import (
@@ -279,6 +279,33 @@ async def test_the_per_endpoint_concurrency_cap_holds_and_a_slow_endpoint_holds_
 
     assert len(world.sender.posts_to(slow)) == 8
     assert world.sender.most_in_flight == Counter({slow: 2, fast: 2})
+
+
+async def test_an_endpoint_that_never_answers_holds_its_first_slots_and_leaves_the_rest_due(
+    world: World,
+) -> None:
+    hanging, fast = "https://hanging.invalid/notify", "https://fast.invalid/notify"
+    world.sender.scripts.update({hanging: [200], fast: [200]})
+    world.sender.blocked[hanging] = asyncio.Event()
+    await world.add_endpoint(hanging, "1m", "1h")
+    await world.add_endpoint(fast, "1m", "1h")
+    for _ in range(30):
+        await world.send()  # one delivery to each endpoint
+    world.start()
+
+    async def counted(status: DeliveryStatus, count: int) -> bool:
+        return await world.count(status) == count
+
+    await world.run_until(lambda: counted(DeliveryStatus.DELIVERED, 30))
+    # A claim may take many of its due deliveries at once; all but its slow-start cap
+    # go back to the store rather than wait in the dispatcher's slots.
+    assert world.sender.in_flight[hanging] == START_CAP
+    await world.run_until(lambda: counted(DeliveryStatus.DELIVERING, START_CAP))
+    assert await world.count(DeliveryStatus.PENDING) == 30 - START_CAP
+
+    world.sender.blocked[hanging].set()
+    await world.run_until(lambda: counted(DeliveryStatus.DELIVERED, 60))
+    assert len(world.sender.posts_to(hanging)) == 30
 
 
 async def test_stopping_with_an_attempt_in_flight_records_it_interrupted_and_due_again(

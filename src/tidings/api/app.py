@@ -10,10 +10,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tidings import __version__
 from tidings.api import endpoints, errors, keys, notifications
+from tidings.api.bodies import BodyTooLarge, declared_length, read_body, replay
 from tidings.api.errors import error_response
 from tidings.api.submit import SubmitDoor, opens
+from tidings.errors import InvalidInput
 from tidings.service import Service
 
+_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 # Room for the JSON envelope and base64's third on top of the payload limit.
 _ENVELOPE_FACTOR = 1.4
 _ENVELOPE_SLACK_BYTES = 16 * 1024
@@ -79,7 +82,8 @@ def create_app(
 
 
 class BodyLimit:
-    """Refuse a request whose declared length is over the limit, before reading it.
+    """Refuse a request body over the limit: at once when its declared length is, else
+    as soon as the bytes read pass it (a chunked body is read, up to the limit, here).
 
     A plain ASGI middleware: Starlette's BaseHTTPMiddleware would cost a task group on
     every request, a large share of the API's time under load.
@@ -92,16 +96,16 @@ class BodyLimit:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            # Limitation: a chunked body without Content-Length is read whole before the
-            # payload size is checked (and refused with 413 then).
-            for name, value in scope["headers"]:
-                if name == b"content-length" and value.isdigit() and int(value) > self.limit_bytes:
-                    response = error_response(
-                        413,
-                        "payload_too_large",
-                        f"request body is {value.decode()} bytes; the payload maximum is "
-                        f"{self.payload_max_bytes} bytes (TIDINGS_MAX_PAYLOAD_BYTES)",
-                    )
-                    await response(scope, receive, send)
-                    return
+            declared = declared_length(scope["headers"])
+            try:
+                if declared is not None and declared > self.limit_bytes:
+                    raise BodyTooLarge(declared)
+                if declared is None and scope["method"] in _WITH_BODY:
+                    receive = replay(await read_body(receive, self.limit_bytes), receive)
+            except BodyTooLarge as exc:
+                message = exc.describe(self.limit_bytes, self.payload_max_bytes)
+                await error_response(413, "payload_too_large", message)(scope, receive, send)
+                return
+            except InvalidInput:
+                return  # the client went away mid-body: there is no one to answer
         await self.app(scope, receive, send)

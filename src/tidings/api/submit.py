@@ -14,12 +14,13 @@ import logging
 
 from pydantic import ValidationError
 from sqlalchemy.exc import DataError
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from tidings import errors
+from tidings.api.bodies import BodyTooLarge, declared_length, read_body
 from tidings.api.errors import STATUS_OF, describe
 from tidings.api.notifications import accept
-from tidings.api.schemas import NotificationIn
+from tidings.api.schemas import MAX_JSON_DEPTH, NotificationIn
 from tidings.api.security import authenticate, bearer_token
 from tidings.auth import Scope as KeyScope
 from tidings.service import Service
@@ -28,11 +29,6 @@ log = logging.getLogger(__name__)
 
 PATH = "/v1/notifications"
 _SENDERS = {KeyScope.ADMIN, KeyScope.NOTIFIER}
-
-
-class _TooLarge(Exception):
-    def __init__(self, size: int) -> None:
-        self.size = size
 
 
 def opens(scope: Scope) -> bool:
@@ -52,13 +48,9 @@ class SubmitDoor:
         headers: dict[bytes, bytes] = dict(scope["headers"])
         try:
             status, content = await self._answer(headers, receive)
-        except _TooLarge as exc:
-            status, content = _error(
-                413,
-                "payload_too_large",
-                f"request body is {exc.size} bytes; the payload maximum is "
-                f"{self.payload_max_bytes} bytes (TIDINGS_MAX_PAYLOAD_BYTES)",
-            )
+        except BodyTooLarge as exc:
+            message = exc.describe(self.limit_bytes, self.payload_max_bytes)
+            status, content = _error(413, "payload_too_large", message)
         except errors.TidingsError as exc:
             status = next((code for kind, code in STATUS_OF if isinstance(exc, kind)), 500)
             if status >= 500:
@@ -83,13 +75,13 @@ class SubmitDoor:
         await send({"type": "http.response.body", "body": content})
 
     async def _answer(self, headers: dict[bytes, bytes], receive: Receive) -> tuple[int, bytes]:
-        declared = headers.get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit_bytes:
-            raise _TooLarge(int(declared))  # refused before a byte of it is read
+        declared = declared_length(headers)
+        if declared is not None and declared > self.limit_bytes:
+            raise BodyTooLarge(declared)  # refused before a byte of it is read
         key = await authenticate(
             self.service, bearer_token(headers.get(b"authorization", b"").decode()), _SENDERS
         )
-        body = await self._read(receive)
+        body = await read_body(receive, self.limit_bytes)
         content_type = headers.get(b"content-type", b"application/json").decode().lower()
         media = content_type.partition(";")[0].strip()
         if media != "application/json" and not media.endswith("+json"):
@@ -98,22 +90,6 @@ class SubmitDoor:
                 "Content-Type: application/json"
             )
         return await accept(self.service, key, _parse(body))
-
-    async def _read(self, receive: Receive) -> bytes:
-        """The whole body, refused as soon as it grows past the limit (chunked ones too)."""
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message: Message = await receive()
-            if message["type"] == "http.disconnect":
-                raise errors.InvalidInput("the client went away before sending the whole body")
-            chunk: bytes = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit_bytes:
-                raise _TooLarge(size)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _parse(body: bytes) -> NotificationIn:
@@ -129,6 +105,7 @@ def _parse(body: bytes) -> NotificationIn:
         raise errors.InvalidInput("body: Field required; send a JSON object with topic and payload")
     try:
         document = json.loads(body)
+        return NotificationIn.model_validate(document)
     except UnicodeDecodeError as exc:
         raise errors.InvalidInput(
             "the body could not be decoded; send JSON encoded as UTF-8"
@@ -138,10 +115,17 @@ def _parse(body: bytes) -> NotificationIn:
             f"the body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
             "send UTF-8 JSON"
         ) from exc
-    try:
-        return NotificationIn.model_validate(document)
     except ValidationError as exc:
         raise errors.InvalidInput(_problems(exc)) from exc
+    except RecursionError as exc:
+        raise errors.InvalidInput(
+            f"the body is nested too deeply; a payload may be nested {MAX_JSON_DEPTH} levels "
+            "deep at most: flatten it or send it as payload_base64"
+        ) from exc
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise errors.InvalidInput(
+            f"the body holds a number too long to read ({exc}); send it as a string"
+        ) from exc
 
 
 def _problems(exc: ValidationError) -> str:

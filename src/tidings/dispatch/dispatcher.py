@@ -116,6 +116,7 @@ class Dispatcher:
             await self._claim_loop()
         finally:
             await self._drain()
+            await self._recorded(self.config.shutdown_grace_s)
             for task in background:
                 task.cancel()
             for task in background:
@@ -172,11 +173,44 @@ class Dispatcher:
                 await self._pause(self.config.poll_interval_s * 4)
                 announced = None
                 continue
-            for claim in claims:
+            for claim in self._within_caps(claims):
                 self._start_attempt(claim)
             if announced is None and len(claims) >= min(room, self.config.claim_batch):
                 continue  # more may be due right now
             announced = await self._wait_due()
+
+    def _within_caps(self, claims: list[Claim]) -> list[Claim]:
+        """The claims each endpoint has room for; the rest are handed back at once.
+
+        One claim may take many due deliveries of one endpoint: holding them all would let
+        a hanging endpoint fill the dispatcher's slots with work waiting for its few.
+        """
+        kept: list[Claim] = []
+        excess: list[Claim] = []
+        taken: defaultdict[str, int] = defaultdict(int)
+        for claim in claims:
+            endpoint_id = claim.endpoint_id
+            held = self._held_per_endpoint.get(endpoint_id, 0) + taken[endpoint_id]
+            if claim.suspect or held < self._cap(endpoint_id):
+                taken[endpoint_id] += 1
+                kept.append(claim)
+            else:
+                excess.append(claim)
+        if excess:
+            self._keep(asyncio.create_task(self._release(excess), name="tidings-hand-back"))
+        return kept
+
+    async def _release(self, claims: list[Claim]) -> None:
+        try:
+            await self.store.release(claims, self.clock.now())
+        except Exception:
+            # Their leases run out and any dispatcher takes them then.
+            log.warning(
+                "could not hand back %d deliveries; they are due again when their lease ends",
+                len(claims),
+                exc_info=True,
+                extra={"action": "hand_back_failed"},
+            )
 
     def _busy_endpoints(self) -> list[str]:
         return [ep for ep, held in self._held_per_endpoint.items() if held >= self._cap(ep)]
@@ -340,6 +374,11 @@ class Dispatcher:
             self._let_go(claim)
             return
         async with self._slot(endpoint.id):
+            if self._stop.is_set():
+                # Stopping: an attempt not yet begun goes back for the next dispatcher.
+                await self.store.release([claim], self.clock.now())
+                self._let_go(claim)
+                return
             result = await self.sender.post(
                 url=endpoint.url,
                 msg_id=claim.notification_id,
@@ -496,6 +535,17 @@ class Dispatcher:
                 )
 
     # shutdown --------------------------------------------------------------------------
+
+    async def _recorded(self, timeout_s: float) -> None:
+        """Wait until every outcome queued so far is recorded (or `timeout_s` passes)."""
+
+        async def all_recorded() -> None:
+            while self._unrecorded:
+                self._room.clear()  # _let_go sets it once a batch is recorded
+                await self._room.wait()
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_recorded(), timeout_s)
 
     async def _settle(self) -> None:
         """Let side tasks and endpoint reads end, so none holds a store connection past stop."""

@@ -9,7 +9,8 @@ import os
 import random
 import signal
 import socket
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -85,7 +86,7 @@ class Dispatcher:
         self.endpoints = EndpointCache(store, self.clock, jitter=config.jitter)
         self._held: dict[str, Claim] = {}
         self._held_per_endpoint: defaultdict[str, int] = defaultdict(int)
-        self._endpoint_slots: dict[str, asyncio.Semaphore] = {}
+        self._endpoint_slots: dict[str, _Gate] = {}
         self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
         self._unrecorded = 0  # outcomes queued or being written: held, but not in flight
         self._room = asyncio.Event()
@@ -173,44 +174,11 @@ class Dispatcher:
                 await self._pause(self.config.poll_interval_s * 4)
                 announced = None
                 continue
-            for claim in self._within_caps(claims):
+            for claim in claims:
                 self._start_attempt(claim)
             if announced is None and len(claims) >= min(room, self.config.claim_batch):
                 continue  # more may be due right now
             announced = await self._wait_due()
-
-    def _within_caps(self, claims: list[Claim]) -> list[Claim]:
-        """The claims each endpoint has room for; the rest are handed back at once.
-
-        One claim may take many due deliveries of one endpoint: holding them all would let
-        a hanging endpoint fill the dispatcher's slots with work waiting for its few.
-        """
-        kept: list[Claim] = []
-        excess: list[Claim] = []
-        taken: defaultdict[str, int] = defaultdict(int)
-        for claim in claims:
-            endpoint_id = claim.endpoint_id
-            held = self._held_per_endpoint.get(endpoint_id, 0) + taken[endpoint_id]
-            if claim.suspect or held < self._cap(endpoint_id):
-                taken[endpoint_id] += 1
-                kept.append(claim)
-            else:
-                excess.append(claim)
-        if excess:
-            self._keep(asyncio.create_task(self._release(excess), name="tidings-hand-back"))
-        return kept
-
-    async def _release(self, claims: list[Claim]) -> None:
-        try:
-            await self.store.release(claims, self.clock.now())
-        except Exception:
-            # Their leases run out and any dispatcher takes them then.
-            log.warning(
-                "could not hand back %d deliveries; they are due again when their lease ends",
-                len(claims),
-                exc_info=True,
-                extra={"action": "hand_back_failed"},
-            )
 
     def _busy_endpoints(self) -> list[str]:
         return [ep for ep, held in self._held_per_endpoint.items() if held >= self._cap(ep)]
@@ -331,11 +299,11 @@ class Dispatcher:
 
     # attempting ------------------------------------------------------------------------
 
-    def _slot(self, endpoint_id: str) -> asyncio.Semaphore:
+    def _slot(self, endpoint_id: str) -> _Gate:
         slot = self._endpoint_slots.get(endpoint_id)
         if slot is None:
-            slot = self._endpoint_slots[endpoint_id] = asyncio.Semaphore(
-                self.config.endpoint_concurrency
+            slot = self._endpoint_slots[endpoint_id] = _Gate(
+                lambda: min(self.config.endpoint_concurrency, self._cap(endpoint_id))
             )
         return slot
 
@@ -563,6 +531,43 @@ class Dispatcher:
         for task in pending:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+class _Gate:
+    """At most `limit()` holders at once; the limit may change between entries.
+
+    Leaving never waits (a cancelled attempt must not keep its place).
+    """
+
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self._limit = limit
+        self._busy = 0
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    async def __aenter__(self) -> None:
+        while self._busy >= self._limit():
+            turn = asyncio.get_running_loop().create_future()
+            self._waiting.append(turn)
+            try:
+                await turn
+            except asyncio.CancelledError:
+                if turn in self._waiting:
+                    self._waiting.remove(turn)
+                self._wake()  # a turn given to us goes to the next in line
+                raise
+        self._busy += 1
+
+    async def __aexit__(self, *_: object) -> None:
+        self._busy -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        room = self._limit() - self._busy
+        while room > 0 and self._waiting:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                room -= 1
 
 
 def _queue_dispatch(dispatcher: Dispatcher) -> QueueDispatch | None:

@@ -6,6 +6,7 @@ import base64
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.integration.harness import (
@@ -25,6 +26,15 @@ async def _nothing_stored(tidings: Tidings) -> None:
     assert listed.json() == {"items": [], "next_cursor": None}
     health = await tidings.client.get("/healthz")
     assert health.json()["deliveries"] == {}
+
+
+async def _send_payload_text(tidings: Tidings, payload: str) -> httpx.Response:
+    """Send a notification whose payload is `payload`, JSON text written by hand."""
+    return await tidings.client.post(
+        "/v1/notifications",
+        content=f'{{"topic": "{TOPIC}", "payload": {payload}}}'.encode(),
+        headers={"Content-Type": "application/json"},
+    )
 
 
 def _json_string_of_size(size: int) -> str:
@@ -198,11 +208,7 @@ async def test_a_payload_that_is_not_utf8_is_refused_with_422(tidings: Tidings) 
 async def test_a_lone_surrogate_in_the_payload_is_refused_with_422(
     tidings: Tidings, payload: str
 ) -> None:
-    answer = await tidings.client.post(
-        "/v1/notifications",
-        content=f'{{"topic": "{TOPIC}", "payload": {payload}}}'.encode(),
-        headers={"Content-Type": "application/json"},
-    )
+    answer = await _send_payload_text(tidings, payload)
 
     assert answer.status_code == 422, answer.text
     assert answer.json()["message"].startswith("payload")
@@ -296,11 +302,7 @@ async def test_an_endpoint_registered_while_private_networks_were_allowed_is_blo
 async def test_json_python_cannot_read_is_refused_with_422_naming_the_problem(
     tidings: Tidings, payload: str, named: str
 ) -> None:
-    answer = await tidings.client.post(
-        "/v1/notifications",
-        content=f'{{"topic": "{TOPIC}", "payload": {payload}}}'.encode(),
-        headers={"Content-Type": "application/json"},
-    )
+    answer = await _send_payload_text(tidings, payload)
 
     assert answer.status_code == 422, answer.text
     assert named in answer.json()["message"]

@@ -83,6 +83,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.output is None:
         args.output = RESULTS / "quick" if args.quick else RESULTS
+    args.output = args.output.resolve()  # the systems' processes run in other folders
     args.output.mkdir(parents=True, exist_ok=True)
     return args
 

@@ -45,6 +45,25 @@ def describe(error: dict[str, Any]) -> str:
     return f"{where or 'body'}: {message}"
 
 
+def answer_for(exc: Exception) -> JSONResponse:
+    """The response to an error raised while handling a request, on any route."""
+    if isinstance(exc, errors.TidingsError):
+        status = next((code for kind, code in STATUS_OF if isinstance(exc, kind)), 500)
+        if status >= 500:
+            log.error("request failed: %s", exc, extra={"action": "api_error"})
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+        return error_response(status, exc.code, exc.message, **headers)
+    if isinstance(exc, DataError):
+        # The database refused a value (e.g. NUL in text on PostgreSQL); parameters hidden.
+        return error_response(
+            422, "invalid_input", "a value was refused by the database (e.g. a NUL character)"
+        )
+    log.error("unexpected error", exc_info=exc, extra={"action": "api_crash"})
+    return error_response(
+        500, "internal_error", "Tidings failed to handle the request; see its log"
+    )
+
+
 _HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 
 
@@ -69,11 +88,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(errors.TidingsError)
     async def _tidings_error(_: Request, exc: errors.TidingsError) -> JSONResponse:
-        status = next((code for kind, code in STATUS_OF if isinstance(exc, kind)), 500)
-        if status >= 500:
-            log.error("request failed: %s", exc, extra={"action": "api_error"})
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
-        return error_response(status, exc.code, exc.message, **headers)
+        return answer_for(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -98,14 +113,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(DataError)
     async def _data_error(_: Request, exc: DataError) -> JSONResponse:
-        # The database refused a value (e.g. NUL in text on PostgreSQL); parameters hidden.
-        return error_response(
-            422, "invalid_input", "a value was refused by the database (e.g. a NUL character)"
-        )
+        return answer_for(exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error", extra={"action": "api_crash"})
-        return error_response(
-            500, "internal_error", "Tidings failed to handle the request; see its log"
-        )
+        return answer_for(exc)

@@ -10,22 +10,18 @@ were most of a send's cost.
 from __future__ import annotations
 
 import json
-import logging
 
 from pydantic import ValidationError
-from sqlalchemy.exc import DataError
 from starlette.types import Receive, Scope, Send
 
 from tidings import errors
 from tidings.api.bodies import BodyTooLarge, declared_length, read_body
-from tidings.api.errors import STATUS_OF, describe
+from tidings.api.errors import answer_for, describe, error_response
 from tidings.api.notifications import accept
 from tidings.api.schemas import MAX_JSON_DEPTH, NotificationIn
 from tidings.api.security import authenticate, bearer_token
 from tidings.auth import Scope as KeyScope
 from tidings.service import Service
-
-log = logging.getLogger(__name__)
 
 PATH = "/v1/notifications"
 _SENDERS = {KeyScope.ADMIN, KeyScope.NOTIFIER}
@@ -50,27 +46,15 @@ class SubmitDoor:
             status, content = await self._answer(headers, receive)
         except BodyTooLarge as exc:
             message = exc.describe(self.limit_bytes, self.payload_max_bytes)
-            status, content = _error(413, "payload_too_large", message)
-        except errors.TidingsError as exc:
-            status = next((code for kind, code in STATUS_OF if isinstance(exc, kind)), 500)
-            if status >= 500:
-                log.error("request failed: %s", exc, extra={"action": "api_error"})
-            status, content = _error(status, exc.code, exc.message)
-        except DataError:
-            status, content = _error(
-                422, "invalid_input", "a value was refused by the database (e.g. a NUL character)"
-            )
-        except Exception:
-            log.exception("unexpected error", extra={"action": "api_crash"})
-            status, content = _error(
-                500, "internal_error", "Tidings failed to handle the request; see its log"
-            )
+            await error_response(413, "payload_too_large", message)(scope, receive, send)
+            return
+        except Exception as exc:
+            await answer_for(exc)(scope, receive, send)
+            return
         reply = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(content)).encode()),
         ]
-        if status == 401:
-            reply.append((b"www-authenticate", b"Bearer"))
         await send({"type": "http.response.start", "status": status, "headers": reply})
         await send({"type": "http.response.body", "body": content})
 
@@ -130,9 +114,3 @@ def _parse(body: bytes) -> NotificationIn:
 
 def _problems(exc: ValidationError) -> str:
     return "; ".join(describe(dict(error)) for error in exc.errors()[:5])
-
-
-def _error(status: int, code: str, message: str) -> tuple[int, bytes]:
-    """The one error shape (as error_response writes it), as bytes."""
-    shape = {"error": code, "message": message}
-    return status, json.dumps(shape, ensure_ascii=False, separators=(",", ":")).encode()
